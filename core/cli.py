@@ -1,0 +1,183 @@
+"""The ``kdforge`` command line: run, validate, plugins, compare.
+
+Exit codes: 0 done; 2 a recipe or usage error (one line, no traceback); 1 a failure
+while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import RecipeError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2 (as the rest of kdforge's errors)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise RecipeError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``kdforge`` program."""
+    parser = _Parser(prog="kdforge", description="Plugin-based knowledge distillation for PyTorch.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    def add_recipe_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("recipe", help="recipe YAML file")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a recipe value (parsed as YAML); repeatable")
+
+    run = sub.add_parser("run", help="train a recipe")
+    add_recipe_args(run)
+    run.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, or runs/<name>)")
+    run.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run directory")
+
+    validate = sub.add_parser("validate", help="check a recipe without training")
+    add_recipe_args(validate)
+    validate.add_argument("--dry-run", action="store_true",
+                          help="also build data and models and push one batch through them")
+
+    plugins = sub.add_parser("plugins", help="list the registered plugins")
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+
+    compare = sub.add_parser("compare", help="compare finished runs side by side")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"kdforge {__version__}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``kdforge run``."""
+    from .engine import run_recipe
+
+    summary = run_recipe(args.recipe, args.overrides, output_dir=args.output_dir,
+                         resume=args.resume, overwrite=args.overwrite)
+    if _rank0():
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``kdforge validate``."""
+    from .engine import validate
+
+    recipe = validate(args.recipe, args.overrides, dry=args.dry_run)
+    print(f"{args.recipe}: ok ({recipe.name}: {len(recipe.losses)} loss term(s), "
+          f"{recipe.trainer.epochs} epoch(s){', one batch checked' if args.dry_run else ''})")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """``kdforge plugins``."""
+    from .registry import list_plugins
+
+    records = [r.to_dict() for r in list_plugins()]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return EXIT_OK
+    rows = [[r["kind"], r["name"], r["provider"], r["version"] or "-", r["status"],
+             r["error"] if r["status"] != "ok" else r["summary"]] for r in records]
+    print(format_table(["kind", "name", "provider", "version", "status", "description"], rows))
+    return EXIT_OK
+
+
+def format_table(headers: list[str], rows: list[list[Any]], max_width: int = 70) -> str:
+    """A plain-text table with aligned columns."""
+    def cell(v: Any) -> str:
+        text = "-" if v is None else str(v)
+        return text if len(text) <= max_width else text[: max_width - 3] + "..."
+
+    table = [[cell(h) for h in headers]] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def load_summary(run_dir: str) -> dict[str, Any]:
+    """A finished run's summary.json (``RecipeError`` when there is none)."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"{run_dir!r} holds no summary.json (not a finished kdforge run)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise RecipeError(f"cannot read {str(path)!r}: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{str(path)!r} does not hold a summary mapping")
+    return data
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``kdforge compare``: the runs' accuracy, size and time side by side."""
+    summaries = [(d, load_summary(d)) for d in args.run_dirs]
+    if args.json:
+        print(json.dumps([{"run_dir": d, **s} for d, s in summaries], indent=2, sort_keys=True))
+        return EXIT_OK
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{100 * float(v):.2f}%"
+
+    rows = []
+    for run_dir, s in summaries:
+        size = s.get("student/size_bytes")
+        params = s.get("student/params")
+        rows.append([
+            s.get("name", Path(run_dir).name), pct(s.get("student/accuracy")), pct(s.get("teacher/accuracy")),
+            f"{params:,}" if isinstance(params, int) else "-",
+            f"{size / 1024:.1f} KiB" if isinstance(size, (int, float)) else "-",
+            s.get("epochs", "-"), f"{s['wall_seconds']:.1f}" if isinstance(s.get("wall_seconds"), (int, float)) else "-",
+            s.get("num_processes", "-"),
+        ])
+    print(format_table(["run", "student acc", "teacher acc", "student params", "size", "epochs", "seconds", "procs"], rows))
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "compare": cmd_compare}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kdforge`` and ``python -m kdforge``; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return EXIT_USAGE
+        return COMMANDS[args.command](args)
+    except RecipeError as exc:
+        if _rank0():
+            print(f"kdforge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kdforge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - report a crash once, with its traceback, as exit 1
+        if _rank0():
+            traceback.print_exc()
+            print(f"kdforge: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

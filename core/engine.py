@@ -1,0 +1,534 @@
+"""The training loop on Hugging Face Accelerate: build -> prepare -> train/eval epochs -> save.
+
+The engine knows no distillation method: it runs the teacher(s) and the student, hands
+``StepOutputs`` to each loss plugin, and sums weight x loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import checkpoint as ckpt
+from .build import (
+    LossTerm,
+    build_data,
+    build_losses,
+    build_model,
+    build_optimizer,
+    check_recipe,
+    data_context,
+)
+from .errors import RecipeError
+from .io import write_json_atomic, write_text_atomic
+from .outputs import DataSplits, ModelOutputs, StepOutputs
+from .recipe import Recipe, load_recipe
+from .taps import FeatureTaps
+from .tracking import MetricsFile, wandb_init_kwargs
+from .weights import save_weights
+
+#: recipe keys that may change between a run and its --resume
+RESUMABLE_CHANGES = (
+    "trainer.epochs", "trainer.log_every", "trainer.keep_checkpoints", "trainer.num_workers",
+    "trainer.progress_bar", "trainer.eval_batch_size", "tracking", "output_dir", "name",
+)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable or not) in a model."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
+    """A collated batch as (inputs, targets); ``targets`` is ``None`` for an unlabeled split."""
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == 1:
+            return batch[0], None
+        if len(batch) >= 2:
+            return batch[0], batch[1]
+    if isinstance(batch, Mapping) and "inputs" in batch:
+        return batch["inputs"], batch.get("targets")
+    return batch, None
+
+
+def batch_size_of(inputs: Any) -> int:
+    """Samples in a batch of inputs (a tensor, or a structure of tensors)."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0])
+    if isinstance(inputs, Mapping):
+        return batch_size_of(next(iter(inputs.values())))
+    if isinstance(inputs, (list, tuple)) and inputs:
+        return batch_size_of(inputs[0])
+    return 0
+
+
+def _first_batch(dataset: Any, size: int = 2) -> Any:
+    loader = DataLoader(dataset, batch_size=size, shuffle=False)
+    return next(iter(loader))
+
+
+@dataclass
+class Models:
+    """What the recipe built, before Accelerate prepares it."""
+
+    splits: DataSplits
+    student: nn.Module
+    teacher: nn.Module | None
+    losses: list[LossTerm]
+    resolved: dict[str, Any]
+
+
+def build_all(recipe: Recipe, raw: dict[str, Any]) -> Models:
+    """Build data, models and losses from a checked recipe (no training yet)."""
+    splits = build_data(recipe)
+    context = data_context(splits)
+    student, student_params = build_model("student", recipe.student, "student", context)
+    teacher = None
+    resolved = recipe.model_dump(mode="json")
+    resolved["student"]["params"] = _jsonable({**recipe.student.params, **student_params})
+    if recipe.teacher is not None:
+        teacher, teacher_params = build_model("teacher", recipe.teacher, "teacher", context)
+        resolved["teacher"]["params"] = _jsonable({**recipe.teacher.params, **teacher_params})
+    losses = build_losses(recipe)
+    return Models(splits, student, teacher, losses, resolved)
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    return yaml.safe_load(yaml.safe_dump(_plain(params)))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def collect_taps(losses: list[LossTerm]) -> tuple[list[str], list[str]]:
+    """The union of the student and teacher taps every loss declares."""
+    student, teacher = [], []
+    for term in losses:
+        student += [t for t in getattr(term.module, "student_taps", []) or [] if t not in student]
+        teacher += [t for t in getattr(term.module, "teacher_taps", []) or [] if t not in teacher]
+    return student, teacher
+
+
+def dry_run(models: Models, device: torch.device | str = "cpu") -> None:
+    """Push one small batch through teacher and student; report shape problems as recipe errors."""
+    inputs, _ = split_batch(_first_batch(models.splits.train))
+    inputs = _to_device(inputs, device)
+    expected = models.splits.num_classes
+    for kind, model in (("teacher", models.teacher), ("student", models.student)):
+        if model is None:
+            continue
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits = model(inputs)
+        except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch to report
+            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RecipeError(
+                f"{kind} {type(model).__name__} cannot take the dataset's inputs of shape {shape} "
+                f"(dataset input_shape {tuple(models.splits.input_shape)}): {type(exc).__name__}: {detail[:200]}",
+                key=kind,
+            ) from None
+        finally:
+            model.train(was_training)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] != expected:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise RecipeError(
+                f"{kind} {type(model).__name__} gives logits of shape {got}; the dataset has {expected} "
+                f"classes, so (batch, {expected}) was expected",
+                key=kind,
+            )
+
+
+def _to_device(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def validate(recipe_source: Any, overrides: Any = None, *, dry: bool = False) -> Recipe:
+    """Check a recipe without training: static checks, and with ``dry`` one batch through the models."""
+    recipe, raw = load_recipe(recipe_source, overrides)
+    check_recipe(recipe)
+    if dry:
+        models = build_all(recipe, raw)
+        _check_taps(models)
+        dry_run(models)
+    return recipe
+
+
+def _check_taps(models: Models) -> list[FeatureTaps]:
+    student_taps, teacher_taps = collect_taps(models.losses)
+    taps = [FeatureTaps(models.student, student_taps, owner="student", key="losses: student_taps")]
+    if teacher_taps:
+        if models.teacher is None:
+            raise RecipeError("a loss taps teacher features, and the recipe has no teacher", key="teacher")
+        taps.append(FeatureTaps(models.teacher, teacher_taps, owner="teacher", key="losses: teacher_taps"))
+    return taps
+
+
+def _resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(saved) | set(new)):
+        path = f"{prefix}.{key}" if prefix else key
+        if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES):
+            continue
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _resume_differences(a, b, path)
+        elif a != b:
+            keys.append(path)
+    return keys
+
+
+def _make_accelerator(recipe: Recipe, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DataLoaderConfiguration
+
+    # Several runs in one process (notebooks, tests) must not inherit the last run's settings.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    trainer = recipe.trainer
+    use_cpu = not torch.cuda.is_available()
+    if trainer.mixed_precision == "fp16" and use_cpu:
+        raise RecipeError("fp16 needs a GPU; use bf16 (or no) on the CPU", key="trainer.mixed_precision")
+    wandb_spec = recipe.tracking.wandb
+    log_with = ["wandb"] if wandb_spec is not None and wandb_spec.mode != "disabled" else None
+    return Accelerator(
+        # Without cpu=True, processes started by `accelerate launch --multi_gpu` on a machine
+        # without a GPU would each train alone, silently, instead of forming a gloo group.
+        cpu=use_cpu,
+        mixed_precision=trainer.mixed_precision,
+        gradient_accumulation_steps=trainer.gradient_accumulation_steps,
+        log_with=log_with,
+        project_dir=str(run_dir),
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
+    )
+
+
+class Trainer:
+    """One run of one recipe: owns the Accelerator, the prepared objects and the loop state."""
+
+    def __init__(self, recipe: Recipe, raw: dict[str, Any], run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+        from accelerate.utils import set_seed
+
+        self.recipe, self.run_dir, self.resume = recipe, run_dir, resume
+        self.started = time.perf_counter()
+        ckpt.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        self.accelerator = _make_accelerator(recipe, run_dir)
+        set_seed(recipe.seed, deterministic=False)
+        torch.use_deterministic_algorithms(not torch.cuda.is_available(), warn_only=True)
+        self.models = build_all(recipe, raw)
+        self.taps = _check_taps(self.models)
+        dry_run(self.models, self.accelerator.device)
+        if resume:
+            saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+            changed = _resume_differences(saved, self.models.resolved)
+            if changed:
+                raise RecipeError(
+                    f"--resume: the recipe differs from the run's own in {', '.join(changed[:8])}; "
+                    f"only {', '.join(RESUMABLE_CHANGES)} may change",
+                    key=changed[0],
+                )
+        self.is_main = self.accelerator.is_main_process
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl", self.is_main)
+
+    # -- setup ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Write the run directory's first files, build loaders and optimizer, prepare all."""
+        acc, recipe, models = self.accelerator, self.recipe, self.models
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                ckpt.clear_run_dir(self.run_dir)
+            write_text_atomic(self.run_dir / "recipe.yaml", yaml.safe_dump(models.resolved, sort_keys=False))
+        acc.wait_for_everyone()
+        trainer = recipe.trainer
+        self.train_loader = DataLoader(
+            models.splits.train, batch_size=trainer.batch_size, shuffle=True,
+            num_workers=trainer.num_workers, drop_last=trainer.drop_last,
+        )
+        self.eval_loader = None
+        if models.splits.eval is not None:
+            self.eval_loader = DataLoader(
+                models.splits.eval, batch_size=trainer.eval_batch_size or trainer.batch_size,
+                shuffle=False, num_workers=trainer.num_workers,
+            )
+        self.trainable_losses = [t for t in models.losses if t.trainable]
+        student = models.student
+        prepared = acc.prepare(student, *[t.module for t in self.trainable_losses], self.train_loader)
+        self.student, self.train_loader = prepared[0], prepared[-1]
+        for term, wrapped in zip(self.trainable_losses, prepared[1:-1]):
+            term.module = wrapped
+        if self.eval_loader is not None:
+            self.eval_loader = acc.prepare(self.eval_loader)
+        accum = trainer.gradient_accumulation_steps
+        self.steps_per_epoch = max(math.ceil(len(self.train_loader) / accum), 1)
+        self.total_steps = self.steps_per_epoch * trainer.epochs
+        modules = [acc.unwrap_model(self.student)] + [acc.unwrap_model(t.module) for t in self.trainable_losses]
+        optimizer, scheduler = build_optimizer(recipe.optimizer, modules, self.total_steps)
+        self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
+        self.teacher = models.teacher
+        if self.teacher is not None:
+            self.teacher.to(acc.device).eval().requires_grad_(False)
+        self.state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "teacher_accuracy": None,
+                                      "wall_seconds": 0.0, "samples_seen": 0}
+        if self.resume:
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            acc.load_state(str(latest))
+            self.state = ckpt.read_state(latest)
+            self.metrics.truncate_after(self.state["step"])
+        if recipe.tracking.wandb is not None and recipe.tracking.wandb.mode != "disabled":
+            spec = recipe.tracking.wandb
+            acc.init_trackers(
+                spec.project, config=models.resolved,
+                init_kwargs={"wandb": wandb_init_kwargs(spec, recipe.name, self.run_dir)},
+            )
+
+    # -- steps ----------------------------------------------------------------------------
+    def _teacher_outputs(self, inputs: Any) -> tuple[ModelOutputs | None, list[ModelOutputs]]:
+        if self.teacher is None:
+            return None, []
+        with torch.no_grad(), self.accelerator.autocast():
+            logits = self.teacher(inputs)
+        feats = self.taps[1].take() if len(self.taps) > 1 else {}
+        out = ModelOutputs(logits, feats)
+        return out, [out]
+
+    def train_epoch(self, epoch: int) -> None:
+        """One pass over the training data."""
+        acc, trainer = self.accelerator, self.recipe.trainer
+        self.student.train()
+        for term in self.trainable_losses:
+            term.module.train()
+        self.train_loader.set_epoch(epoch)
+        labels = [t.label for t in self.models.losses]
+        sums = torch.zeros(len(labels) + 1, device=acc.device)
+        window_batches, window_samples, window_start = 0, 0, time.perf_counter()
+        bar = self._progress_bar(epoch)
+        for batch in self.train_loader:
+            inputs, targets = split_batch(batch)
+            progress = min(self.state["step"] / self.total_steps, 1.0)
+            with acc.accumulate(self.student, *[t.module for t in self.trainable_losses]):
+                teacher_out, teachers = self._teacher_outputs(inputs)
+                with acc.autocast():
+                    logits = self.student(inputs)
+                    out = StepOutputs(
+                        student=ModelOutputs(logits, self.taps[0].take()),
+                        teacher=teacher_out, teachers=teachers, targets=targets,
+                        inputs=inputs, progress=progress,
+                    )
+                    values = []
+                    total = None
+                    for term in self.models.losses:
+                        term.update(acc.unwrap_model(term.module), progress)
+                        value = term.module(out)
+                        values.append(value.detach().float())
+                        weighted = value * term.weight_at(progress)
+                        total = weighted if total is None else total + weighted
+                acc.backward(total)
+                if acc.sync_gradients and trainer.max_grad_norm is not None:
+                    acc.clip_grad_norm_(self.optimizer.param_groups[0]["params"] + self._other_params(), trainer.max_grad_norm)
+                self.optimizer.step()
+                if acc.sync_gradients:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([total.detach().float(), *values])
+            window_batches += 1
+            n = batch_size_of(inputs)
+            window_samples += n
+            self.state["samples_seen"] += n
+            if acc.sync_gradients:
+                self.state["step"] += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.state["step"] % trainer.log_every == 0 or self.state["step"] % self.steps_per_epoch == 0:
+                    record = self._log_train(epoch, labels, sums / window_batches, window_samples, window_start)
+                    if bar is not None:
+                        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items()
+                                         if k.startswith("train/loss")} | {"samples/s": f"{record['train/samples_per_second']:.0f}"})
+                    sums.zero_()
+                    window_batches, window_samples, window_start = 0, 0, time.perf_counter()
+        if bar is not None:
+            bar.close()
+
+    def _other_params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups[1:] for p in g["params"]]
+
+    def _progress_bar(self, epoch: int):
+        if not (self.recipe.trainer.progress_bar and self.accelerator.is_local_main_process):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.recipe.trainer.epochs}",
+                    leave=False, dynamic_ncols=True)
+
+    def _log_train(self, epoch: int, labels: list[str], means: torch.Tensor, samples: int, start: float) -> dict[str, Any]:
+        acc = self.accelerator
+        # The one host sync of a logging interval.
+        values = acc.reduce(means, reduction="mean").tolist()
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        progress = min(self.state["step"] / self.total_steps, 1.0)
+        record: dict[str, Any] = {"step": self.state["step"], "epoch": epoch + 1, "train/loss": values[0]}
+        for label, value, term in zip(labels, values[1:], self.models.losses):
+            record[f"train/loss/{label}"] = value
+            if callable(term.weight):
+                record[f"train/weight/{label}"] = term.weight_at(progress)
+            for name, schedule in term.param_schedules.items():
+                record[f"train/{label}/{name}"] = schedule(progress)
+        record["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        record["train/samples_per_second"] = samples * acc.num_processes / elapsed
+        if not all(math.isfinite(v) for v in values):
+            bad = [lab for lab, v in zip(["total", *labels], values) if not math.isfinite(v)]
+            raise FloatingPointError(
+                f"loss term {bad[-1] if len(bad) > 1 else bad[0]!r} became {values[(['total', *labels]).index(bad[-1])]} "
+                f"at step {self.state['step']} of epoch {epoch + 1}; the last good checkpoint is kept"
+            )
+        self._log(record)
+        return record
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None},
+                                 step=int(record["step"]))
+
+    # -- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> float | None:
+        """Top-1 accuracy on the eval split (labeled samples only), gathered over processes."""
+        if self.eval_loader is None:
+            return None
+        acc = self.accelerator
+        was_training = model.training
+        model.eval()
+        correct = torch.zeros((), device=acc.device, dtype=torch.long)
+        counted = torch.zeros((), device=acc.device, dtype=torch.long)
+        for batch in self.eval_loader:
+            inputs, targets = split_batch(batch)
+            if targets is None:
+                continue
+            with acc.autocast():
+                logits = model(inputs)
+            preds, targets = acc.gather_for_metrics((logits.argmax(dim=-1), targets))
+            labeled = targets >= 0
+            correct += (preds.eq(targets) & labeled).sum()
+            counted += labeled.sum()
+        model.train(was_training)
+        total = int(counted.item())
+        return float(correct.item()) / total if total else None
+
+    # -- the run --------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs, evaluate, checkpoint; return the summary."""
+        acc, recipe = self.accelerator, self.recipe
+        start_epoch = int(self.state["epoch"])
+        wall_before = float(self.state.get("wall_seconds", 0.0))
+        epoch_start = time.perf_counter()
+        if self.teacher is not None and self.state.get("teacher_accuracy") is None and start_epoch == 0:
+            self.state["teacher_accuracy"] = self.evaluate(self.teacher)
+        for epoch in range(start_epoch, recipe.trainer.epochs):
+            self.train_epoch(epoch)
+            accuracy = self.evaluate(self.student)
+            record = {"step": self.state["step"], "epoch": epoch + 1, "student/accuracy": accuracy}
+            self.state["history"].append({"epoch": epoch + 1, "student/accuracy": accuracy})
+            self.state["epoch"] = epoch + 1
+            self.state["wall_seconds"] = wall_before + (time.perf_counter() - epoch_start)
+            self._log(record)
+            if self.is_main and recipe.trainer.progress_bar:
+                acc_text = "n/a" if accuracy is None else f"{accuracy:.4f}"
+                print(f"epoch {epoch + 1}/{recipe.trainer.epochs}: student accuracy {acc_text}", flush=True)
+            ckpt.save_checkpoint(acc, self.run_dir, f"epoch-{epoch + 1:04d}", self.state, recipe.trainer.keep_checkpoints)
+        return self.finish(wall_before + (time.perf_counter() - epoch_start))
+
+    def finish(self, wall_seconds: float) -> dict[str, Any]:
+        """Export the student, write summary.json, close trackers and taps."""
+        acc = self.accelerator
+        student = acc.unwrap_model(self.student)
+        samples = torch.tensor([self.state["samples_seen"]], device=acc.device)
+        per_process = acc.gather(samples).tolist()
+        history = self.state["history"]
+        final_accuracy = history[-1]["student/accuracy"] if history else None
+        summary: dict[str, Any] = {
+            "name": self.recipe.name,
+            "student/accuracy": final_accuracy,
+            "student/params": count_params(student),
+            "epochs": int(self.state["epoch"]),
+            "wall_seconds": round(wall_seconds, 3),
+            "num_processes": acc.num_processes,
+            "train/samples_seen_per_process": per_process,
+            "train/steps": int(self.state["step"]),
+            "mixed_precision": self.recipe.trainer.mixed_precision,
+            "device": str(acc.device),
+        }
+        if self.teacher is not None:
+            summary["teacher/accuracy"] = self.state.get("teacher_accuracy")
+            summary["teacher/params"] = count_params(self.teacher)
+        if self.is_main:
+            weights = self.run_dir / "student.safetensors"
+            save_weights(student, weights)
+            summary["student/size_bytes"] = weights.stat().st_size
+            write_json_atomic(self.run_dir / "summary.json", summary)
+        acc.wait_for_everyone()
+        self.close()
+        return summary
+
+    def close(self) -> None:
+        """Remove hooks and end trackers."""
+        for taps in getattr(self, "taps", []):
+            taps.remove()
+        if getattr(self, "accelerator", None) is not None and self.accelerator.trackers:
+            self.accelerator.end_training()
+
+
+def run_recipe(
+    recipe_source: Any,
+    overrides: Any = None,
+    *,
+    output_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Validate a recipe, train it, and return its summary (``kdforge.run``)."""
+    recipe, raw = load_recipe(recipe_source, overrides)
+    if output_dir is not None:
+        recipe = recipe.model_copy(update={"output_dir": str(output_dir)})
+    check_recipe(recipe)
+    trainer = Trainer(recipe, raw, recipe.run_dir(), resume=resume, overwrite=overwrite)
+    try:
+        trainer.setup()
+        return trainer.fit()
+    except BaseException:
+        trainer.close()
+        raise
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield

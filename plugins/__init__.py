@@ -1,0 +1,1 @@
+"""kdforge's built-in plugins, one module per family, found through the ``kdforge`` entry-point group."""
