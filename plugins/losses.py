@@ -11,17 +11,16 @@ from pydantic import Field
 from kdforge import UNLABELED, StepOutputs, hookimpl
 
 
-def kd_divergence(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher_probs || softmax(student/T)), averaged over the batch, in float32.
+def kd_divergence(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(p_teacher || softmax(student/T)), averaged over the batch, in float32.
 
-    ``teacher_probs`` are the teacher's already-softened probabilities (so an ensemble
-    can hand over a mean of distributions rather than logits).
+    Takes the teacher's softened distribution as log-probabilities (``log_softmax`` of
+    logits / T, or the log of an ensemble's mean distribution): working in log space
+    keeps float32 accurate when probabilities are close to 1.
     """
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    p = teacher_probs.float()
-    # p * log p with the 0 * log 0 = 0 convention
-    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)), torch.zeros_like(p))
-    kl = (plogp - p * log_q).sum(dim=-1)
+    log_p = teacher_log_probs.float()
+    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
     return kl.mean() * (temperature**2)
 
 
@@ -52,8 +51,7 @@ class HintonKD(torch.nn.Module):
     """Hinton et al. 2015: T^2 * KL(softmax(teacher/T) || softmax(student/T)), batch mean.
 
     Computed in float32 whatever the autocast dtype. ``temperature`` may be driven by a
-    schedule. When the teacher view carries ``probs`` (an ensemble averaging
-    distributions), those are distilled from instead of the teacher logits.
+    schedule.
     """
 
     teacher_required = True
@@ -66,8 +64,8 @@ class HintonKD(torch.nn.Module):
         if out.teacher is None:
             raise ValueError("the kd loss needs a teacher: add a `teacher` to the recipe")
         t = float(self.temperature)
-        teacher_probs = F.softmax(out.teacher.logits.float() / t, dim=-1)
-        return kd_divergence(out.student.logits, teacher_probs, t)
+        teacher_log_probs = F.log_softmax(out.teacher.logits.float() / t, dim=-1)
+        return kd_divergence(out.student.logits, teacher_log_probs, t)
 
 
 @hookimpl

@@ -207,6 +207,18 @@ def test_balanced_subset_spreads_evenly_and_fills_from_larger_classes() -> None:
         ds.balanced_subset(targets, 12)
 
 
+def test_balanced_subset_remainder_goes_to_seeded_random_classes() -> None:
+    targets = [0, 1, 2] * 5
+
+    def favoured(seed: int) -> int:
+        counts = collections.Counter(targets[i] for i in ds.balanced_subset(targets, 4, seed))
+        assert sorted(counts.values()) == [1, 1, 2]
+        return counts.most_common(1)[0][0]
+
+    assert favoured(5) == favoured(5)
+    assert len({favoured(seed) for seed in range(20)}) == 3  # not always the lowest class id
+
+
 def test_partially_labeled_wraps_any_dataset() -> None:
     base = [(f"x{i}", i % 3) for i in range(6)]
     hidden = ds.PartiallyLabeled(base, keep={1, 4})
@@ -253,6 +265,8 @@ def test_cifar10_labeled_and_drop(tmp_path: Path, no_download: None) -> None:
     labels = [splits.train[i][1] for i in range(len(splits.train))]
     assert len(labels) == 20 and labels.count(UNLABELED) == 10
     assert sorted(t for t in labels if t != UNLABELED) == list(range(10))
+    reseeded = ds.cifar10(root=str(tmp_path), verify=False, labeled=10, label_seed=1)
+    assert [t == UNLABELED for t in reseeded.train.targets] != [t == UNLABELED for t in labels]
     dropped = ds.cifar10(root=str(tmp_path), verify=False, labeled=10, drop_unlabeled=True)
     assert sorted(dropped.train[i][1] for i in range(len(dropped.train))) == list(range(10))
     with pytest.raises(ValueError, match="labeled"):
@@ -377,6 +391,19 @@ def test_synthetic_shapes_and_determinism() -> None:
     assert torch.equal(a.train[-1][0], a.train[19][0])
     with pytest.raises(IndexError):
         a.train[20]
+
+
+def test_synthetic_samples_are_prototype_plus_scaled_noise() -> None:
+    def same_class_pair(noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+        split = ds.synthetic(train_size=30, noise=noise).train
+        first = split.targets[0]
+        other = next(i for i in range(1, 30) if split.targets[i] == first)
+        return split[0][0], split[other][0]
+
+    a, b = same_class_pair(0.0)
+    assert torch.equal(a, b)
+    a, b = same_class_pair(1.0)
+    assert 0.5 < (a - b).std().item() * 2**-0.5 < 2.0  # two draws of unit noise
 
 
 def test_synthetic_leaves_the_global_rng_alone() -> None:

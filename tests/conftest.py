@@ -1,0 +1,70 @@
+"""Shared fixtures: small recipes, a trained digits teacher, a clean environment."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+KDFORGE = [sys.executable, "-m", "kdforge"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No network, no stray files in $HOME: wandb offline with its dirs under tmp."""
+    wandb_home = tmp_path_factory.getbasetemp() / "wandb-home"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(wandb_home / var.lower()))
+    monkeypatch.delenv("KDFORGE_LOAD_PLUGINS", raising=False)
+
+
+def base_recipe(tmp_path: Path, **changes: Any) -> dict[str, Any]:
+    """A small, fast digits recipe (plain supervised MLP) with ``changes`` merged in at top level."""
+    recipe: dict[str, Any] = {
+        "name": "test-run",
+        "seed": 0,
+        "data": {"name": "digits"},
+        "student": {"name": "mlp", "params": {"hidden": [32]}},
+        "losses": [{"name": "ce", "weight": 1.0}],
+        "optimizer": {"name": "adam", "params": {"lr": 0.01}},
+        "trainer": {"epochs": 2, "batch_size": 128, "progress_bar": False, "log_every": 5},
+        "output_dir": str(tmp_path / "run"),
+    }
+    for key, value in changes.items():
+        recipe[key] = copy.deepcopy(value)
+    return recipe
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m kdforge ARGS`` in a subprocess and capture its output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*KDFORGE, *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small_cnn teacher trained on all digits labels (shared by the tests that distill)."""
+    import kdforge
+
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    recipe = base_recipe(
+        out.parent,
+        name="test-teacher",
+        student={"name": "small_cnn", "params": {"channels": [16, 32]}},
+        optimizer={"name": "adamw", "params": {"lr": 0.005}},
+        trainer={"epochs": 4, "batch_size": 64, "progress_bar": False},
+        output_dir=str(out),
+    )
+    summary = kdforge.run(recipe)
+    assert summary["student/accuracy"] > 0.9
+    return out
