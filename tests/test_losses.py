@@ -52,12 +52,12 @@ def test_softened_distributions_of_the_worked_example(t: float) -> None:
 @pytest.mark.parametrize("t", sorted(WORKED))
 def test_kd_loss_on_the_worked_example(t: float) -> None:
     p, q = WORKED[t]
-    # KL from the rounded distributions printed in the issue: agrees to their precision.
+    # KL from the 5-decimal distributions printed in the issue (0.00005 stands for 0.0000454).
     from_table = t * t * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
     loss = kdforge.create("loss", "kd", temperature=t)(outputs([[3.0, -3.0]], [[5.0, -5.0]]))
     # float32 (as the issue asks): log(0.99995) alone carries a 1e-5 relative rounding error.
     assert loss.item() == pytest.approx(kd_by_hand([[3.0, -3.0]], [[5.0, -5.0]], t), rel=5e-5, abs=1e-7)
-    assert loss.item() == pytest.approx(from_table, rel=2e-3)
+    assert loss.item() == pytest.approx(from_table, rel=1e-2)
 
 
 def test_kd_loss_values_at_each_temperature() -> None:
