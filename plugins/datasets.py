@@ -18,9 +18,6 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch.utils.data import Dataset
-from torchvision import transforms
-from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from kdforge import UNLABELED, DataSplits, RecipeError, hookimpl
 
@@ -184,124 +181,6 @@ def digits(
     )
 
 
-# -- CIFAR ------------------------------------------------------------------------------
-def _without_md5(entries: list[list[Any]]) -> list[list[Any]]:
-    return [[name, None] for name, _ in entries]
-
-
-class _CheckedCIFAR10(CIFAR10):
-    """torchvision's CIFAR-10 loader for files ``_prepare_cifar`` has already checked.
-
-    torchvision hashes every file (all splits plus the meta file) on each construction;
-    with the md5s set to ``None`` its check only tests that the files exist, so the
-    train and eval splits don't hash ~180 MB twice each, and a copy that is in the real
-    format but not byte-identical to the release loads when ``verify`` is off.
-    """
-
-    train_list = _without_md5(CIFAR10.train_list)
-    test_list = _without_md5(CIFAR10.test_list)
-    meta = {**CIFAR10.meta, "md5": None}
-
-
-class _CheckedCIFAR100(CIFAR100):
-    """torchvision's CIFAR-100 loader for already-checked files (see ``_CheckedCIFAR10``)."""
-
-    train_list = _without_md5(CIFAR100.train_list)
-    test_list = _without_md5(CIFAR100.test_list)
-    meta = {**CIFAR100.meta, "md5": None}
-
-
-@dataclass(frozen=True)
-class _CifarSpec:
-    title: str
-    official: type[CIFAR10]
-    loader: type[CIFAR10]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-_CIFAR10 = _CifarSpec("CIFAR-10", CIFAR10, _CheckedCIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-_CIFAR100 = _CifarSpec("CIFAR-100", CIFAR100, _CheckedCIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
-
-
-def _cifar_files(spec: _CifarSpec) -> dict[str, str]:
-    """File name -> official md5, for every file torchvision reads."""
-    tv = spec.official
-    files = {name: md5 for name, md5 in tv.train_list + tv.test_list}
-    files[tv.meta["filename"]] = tv.meta["md5"]
-    return files
-
-
-def _prepare_cifar(spec: _CifarSpec, root: str, download: bool, verify: bool) -> None:
-    """Make sure the files are under ``root`` (downloading only if asked), or raise ``RecipeError``."""
-    folder = os.path.join(root, spec.official.base_folder)
-    files = _cifar_files(spec)
-
-    def missing() -> list[str]:
-        return [name for name in files if not os.path.isfile(os.path.join(folder, name))]
-
-    def mismatched() -> list[str]:
-        return [name for name, md5 in files.items() if not check_integrity(os.path.join(folder, name), md5)]
-
-    def fetch() -> None:
-        tv = spec.official
-        download_and_extract_archive(tv.url, root, filename=tv.filename, md5=tv.tgz_md5)
-
-    fetched = False
-    if download and missing():
-        fetch()
-        fetched = True
-    absent = missing()
-    if len(absent) == len(files):
-        raise RecipeError(
-            f"{spec.title} not found under '{root}' (expected {spec.official.base_folder}/); "
-            "set download: true to fetch it, or point root at an existing copy",
-            key="data.params.root",
-        )
-    if absent:
-        raise RecipeError(
-            f"{spec.title} under '{root}' is incomplete: {spec.official.base_folder}/ lacks "
-            f"{', '.join(absent)}; set download: true to fetch it again, or point root at a complete copy",
-            key="data.params.root",
-        )
-    if not verify:
-        return
-    bad = mismatched()
-    if bad and download and not fetched:
-        fetch()
-        bad = mismatched()
-    if bad:
-        raise RecipeError(
-            f"{spec.title} under '{root}' does not match the official release (md5 of "
-            f"{spec.official.base_folder}/{', '.join(bad)}); set download: true to fetch a fresh copy, "
-            "or verify: false to use a custom copy in the same format",
-            key="data.params.root",
-        )
-
-
-def _cifar(
-    spec: _CifarSpec,
-    root: str,
-    download: bool,
-    augment: bool,
-    verify: bool,
-    labeled: int | None,
-    drop_unlabeled: bool,
-    label_seed: int,
-) -> DataSplits:
-    _prepare_cifar(spec, root, download, verify)
-    finish = [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
-    augmentation = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
-    train = spec.loader(root, train=True, transform=transforms.Compose(augmentation + finish))
-    eval_split = spec.loader(root, train=False, transform=transforms.Compose(finish))
-    return DataSplits(
-        train=with_labeled(train, train.targets, labeled, drop_unlabeled, label_seed),
-        eval=eval_split,
-        num_classes=len(train.classes),
-        input_shape=(3, 32, 32),
-    )
-
-
 def cifar10(
     root: str = "data/cifar10",
     download: bool = False,
@@ -320,7 +199,9 @@ def cifar10(
     (turn it off for a re-packed copy in the same format). ``labeled`` / ``drop_unlabeled``
     as in ``digits``, with the labeled images picked from ``label_seed``.
     """
-    return _cifar(_CIFAR10, root, download, augment, verify, labeled, drop_unlabeled, label_seed)
+    from kdforge.plugins import torchvision_data as tvd
+
+    return tvd.cifar(tvd.CIFAR10_SPEC, root, download, augment, verify, labeled, drop_unlabeled, label_seed)
 
 
 def cifar100(
@@ -338,17 +219,12 @@ def cifar100(
     only when ``download`` is true. Same augmentation, ``verify`` and ``labeled`` params as
     ``cifar10``, normalized with the CIFAR-100 per-channel mean and std.
     """
-    return _cifar(_CIFAR100, root, download, augment, verify, labeled, drop_unlabeled, label_seed)
+    from kdforge.plugins import torchvision_data as tvd
+
+    return tvd.cifar(tvd.CIFAR100_SPEC, root, download, augment, verify, labeled, drop_unlabeled, label_seed)
 
 
 # -- image folders ----------------------------------------------------------------------
-def _load_image_folder(path: Path, transform: Any, param: str) -> ImageFolder:
-    try:
-        return ImageFolder(str(path), transform=transform)
-    except FileNotFoundError as exc:  # no class folders, or class folders without images
-        raise RecipeError(f"'{path}': {exc}", key=f"data.params.{param}") from None
-
-
 def image_folder(
     root: str,
     train_dir: str = "train",
@@ -370,6 +246,10 @@ def image_folder(
     cropped. Inputs are normalized with ``mean``/``std`` (ImageNet's by default) and have
     shape (3, image_size, image_size). ``labeled`` / ``drop_unlabeled`` as in ``digits``.
     """
+    from torchvision import transforms
+
+    from kdforge.plugins import torchvision_data as tvd
+
     normalize = [transforms.ToTensor(), transforms.Normalize(list(mean), list(std))]
     center = [transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
     if augment:
@@ -383,11 +263,11 @@ def image_folder(
             f"(image_folder expects {root}/{train_dir}/<class>/<image files>)",
             key="data.params.root",
         )
-    train = _load_image_folder(train_path, transforms.Compose(train_tf + normalize), "root")
+    train = tvd.load_image_folder(train_path, transforms.Compose(train_tf + normalize), "root")
     eval_path = Path(root) / eval_dir
     eval_split = None
     if eval_dir and eval_path.is_dir():
-        eval_split = _load_image_folder(eval_path, transforms.Compose(center + normalize), "eval_dir")
+        eval_split = tvd.load_image_folder(eval_path, transforms.Compose(center + normalize), "eval_dir")
         if eval_split.classes != train.classes:
             only_train = sorted(set(train.classes) - set(eval_split.classes))
             only_eval = sorted(set(eval_split.classes) - set(train.classes))

@@ -18,6 +18,7 @@ from PIL import Image
 import kdforge
 from kdforge import UNLABELED, DataSplits, RecipeError
 from kdforge.plugins import datasets as ds
+from kdforge.plugins import torchvision_data as tvd
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -99,7 +100,7 @@ def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"unexpected download: {args}")
 
-    monkeypatch.setattr(ds, "download_and_extract_archive", refuse)
+    monkeypatch.setattr(tvd, "download_and_extract_archive", refuse)
 
 
 # -- registration -----------------------------------------------------------------------
@@ -311,7 +312,7 @@ def test_cifar10_downloads_only_when_asked(tmp_path: Path, monkeypatch: pytest.M
         calls.append((url, filename, md5))
         write_cifar10(Path(root))
 
-    monkeypatch.setattr(ds, "download_and_extract_archive", fake_download)
+    monkeypatch.setattr(tvd, "download_and_extract_archive", fake_download)
     splits = ds.cifar10(root=str(tmp_path), download=True, verify=False)
     assert len(splits.train) == 20
     assert calls == [(
