@@ -177,6 +177,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
             print(f"kdforge: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        _shutdown_distributed()
+
+
+def _shutdown_distributed() -> None:
+    """Tear the process group down before exit: gloo's threads abort the process otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ The engine knows no distillation method: it runs the teacher(s) and the student,
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import yaml
@@ -503,8 +502,12 @@ class Trainer:
         """Remove hooks and end trackers."""
         for taps in getattr(self, "taps", []):
             taps.remove()
-        if getattr(self, "accelerator", None) is not None and self.accelerator.trackers:
-            self.accelerator.end_training()
+        if getattr(self, "accelerator", None) is not None:
+            # Not end_training(): that also destroys the process group, which a later run in
+            # the same process (a chain of recipes under one launch) still needs.
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers.clear()
 
 
 def run_recipe(
@@ -528,7 +531,3 @@ def run_recipe(
         trainer.close()
         raise
 
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield

@@ -293,8 +293,10 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any], overrides: A
         import copy
 
         data = copy.deepcopy(dict(source))
-    else:
+    elif isinstance(source, (str, os.PathLike)):
         data = load_yaml_file(source)
+    else:
+        raise RecipeError(f"a recipe is a YAML file path or a mapping, not {type(source).__name__}")
     for key, value in normalize_overrides(overrides):
         set_by_path(data, key, value)
     return validate_recipe(data), data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,16 @@ import yaml
 from conftest import ROOT, base_recipe
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(recipe_path: Path, *extra: str) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "kdforge", "run", str(recipe_path), *extra]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
@@ -38,15 +45,15 @@ def test_two_processes_split_the_data(tmp_path: Path, digits_teacher: Path) -> N
     result = launch(path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["num_processes"] == 2
+    assert summary["num_processes"] == 2, summary
     assert summary["train/samples_seen_per_process"] == [512, 512]  # 256 per epoch each, not 512
     assert summary["train/steps"] == 2 * 512 // (32 * 2)
-    assert summary["student/accuracy"] is not None and summary["student/accuracy"] > 0.2
+    assert summary["student/accuracy"] is not None and summary["student/accuracy"] > 0.2, summary
     # gather_for_metrics drops the padding: accuracy counts exactly the 200 eval samples
     hits = summary["student/accuracy"] * 200
     assert abs(hits - round(hits)) < 1e-9
     # one process writes: one summary printed, one set of metrics lines per step
-    assert result.stdout.count('"num_processes": 2') == 1
+    assert result.stdout.count('"num_processes": 2') == 1, result.stdout
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in metrics if "train/loss" in m]
     assert steps == sorted(set(steps))
