@@ -39,7 +39,8 @@ from .weights import save_weights
 #: recipe keys that may change between a run and its --resume
 RESUMABLE_CHANGES = (
     "trainer.epochs", "trainer.log_every", "trainer.keep_checkpoints", "trainer.num_workers",
-    "trainer.progress_bar", "trainer.eval_batch_size", "tracking", "output_dir", "name",
+    "trainer.progress_bar", "trainer.eval_batch_size", "trainer.checkpoint_every", "tracking", "output_dir",
+    "name",
 )
 
 
@@ -463,7 +464,10 @@ class Trainer:
             if self.is_main and recipe.trainer.progress_bar:
                 acc_text = "n/a" if accuracy is None else f"{accuracy:.4f}"
                 print(f"epoch {epoch + 1}/{recipe.trainer.epochs}: student accuracy {acc_text}", flush=True)
-            ckpt.save_checkpoint(acc, self.run_dir, f"epoch-{epoch + 1:04d}", self.state, recipe.trainer.keep_checkpoints)
+            last = epoch + 1 == recipe.trainer.epochs
+            if last or (epoch + 1) % recipe.trainer.checkpoint_every == 0:
+                ckpt.save_checkpoint(acc, self.run_dir, f"epoch-{epoch + 1:04d}", self.state,
+                                     recipe.trainer.keep_checkpoints)
         return self.finish(wall_before + (time.perf_counter() - epoch_start))
 
     def finish(self, wall_seconds: float) -> dict[str, Any]:

@@ -68,6 +68,7 @@ class TrainerSpec(_Strict):
     max_grad_norm: Annotated[float, Field(gt=0.0)] | None = None
     log_every: PosInt = 20
     keep_checkpoints: PosInt = 2
+    checkpoint_every: PosInt = 1
     num_workers: NonNegInt = 0
     drop_last: bool = False
     progress_bar: bool = True

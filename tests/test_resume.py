@@ -97,3 +97,11 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path: Path) -> None
     summary = kdforge.run(recipe_for(tmp_path, 2), resume=True)
     assert summary["epochs"] == 2
     assert summary["train/steps"] == 2 * 40  # 1257 / 32 per epoch, both epochs counted once
+
+
+def test_checkpoint_every_and_keep(tmp_path: Path) -> None:
+    recipe = recipe_for(tmp_path, 5)
+    recipe["trainer"].update(checkpoint_every=2, keep_checkpoints=2)
+    kdforge.run(recipe)
+    # epochs 2 and 4 by the interval, 5 because it is the last; only the newest 2 kept
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["epoch-0004", "epoch-0005"]
