@@ -21,6 +21,7 @@ from .registry import call_factory, get_registry
 
 #: values the engine fills into model factories that accept them (and the recipe left out)
 CONTEXT_NAMES = ("num_classes", "in_channels", "input_shape")
+_PROBES = (0.0, 0.25, 0.5, 0.75, 1.0)
 _PLACEHOLDER_CONTEXT = {"num_classes": 2, "in_channels": 1, "input_shape": [1, 1, 1]}
 
 Schedule = Callable[[float], float]
@@ -44,7 +45,7 @@ def build_schedule(value: Any, key: str) -> Schedule:
     schedule = call_factory(record, params, key=f"{key}.params")
     if not callable(schedule):
         raise RecipeError(f"schedule {value.schedule!r} did not build a callable", key=key)
-    for probe in (0.0, 0.5, 1.0):
+    for probe in _PROBES:
         try:
             number = float(schedule(probe))
         except Exception as exc:  # noqa: BLE001 - third-party schedules may raise anything
@@ -67,11 +68,27 @@ def split_scheduled(params: dict[str, Any], key: str) -> tuple[dict[str, Any], d
 
 
 # -- static checks ------------------------------------------------------------------------
+def refuse_schedules(params: dict[str, Any], key: str) -> None:
+    """Schedules drive loss params, loss weights and the lr; anywhere else they are an error."""
+    for name, value in params.items():
+        if is_scheduled(value):
+            raise RecipeError("only loss params, loss weights and optimizer.params.lr can follow a schedule",
+                              key=f"{key}.{name}")
+
+
 def check_plugin_ref(kind: str, ref: PluginRef, key: str, context: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check a ``{name, params}`` reference: the plugin exists and takes these params."""
     record = get_registry().get(kind, ref.name, key=f"{key}.name")
-    plain, _ = split_scheduled(dict(ref.params), f"{key}.params")
-    return check_params(record.factory, plain, key=f"{key}.params", provided_context=context)
+    if kind != "loss":
+        refuse_schedules(dict(ref.params), f"{key}.params")
+        return check_params(record.factory, ref.params, key=f"{key}.params", provided_context=context)
+    plain, schedules = split_scheduled(dict(ref.params), f"{key}.params")
+    checked = check_params(record.factory, plain, key=f"{key}.params", provided_context=context)
+    # a scheduled param must stay valid over the whole run, not just at its start
+    for name, schedule in schedules.items():
+        for probe in _PROBES:
+            check_params(record.factory, {**plain, name: schedule(probe)}, key=f"{key}.params")
+    return checked
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -83,8 +100,12 @@ def check_recipe(recipe: Recipe) -> None:
     for i, loss in enumerate(recipe.losses):
         check_plugin_ref("loss", loss, f"losses[{i}]")
         if isinstance(loss.weight, ScheduledValue):
-            build_schedule(loss.weight, f"losses[{i}].weight")
-    build_optimizer(recipe.optimizer, [nn.Linear(1, 1)], total_steps=1)
+            weight = build_schedule(loss.weight, f"losses[{i}].weight")
+            negative = [p for p in _PROBES if weight(p) < 0]
+            if negative:
+                raise RecipeError(f"the weight's schedule goes below 0 (at progress {negative[0]})",
+                                  key=f"losses[{i}].weight")
+    build_optimizer(recipe.optimizer, [nn.Linear(2, 2, bias=False)], total_steps=1)
 
 
 # -- data and models ----------------------------------------------------------------------
@@ -186,6 +207,12 @@ def build_losses(recipe: Recipe) -> list[LossTerm]:
 
 
 # -- optimizer ----------------------------------------------------------------------------
+_UNSUPPORTED_OPTIMIZERS = {
+    "LBFGS": "it needs a closure that re-evaluates the loss, which a streaming training loop does not have",
+    "SparseAdam": "it needs sparse gradients, and kdforge's models produce dense ones",
+}
+
+
 def optimizer_classes() -> dict[str, type[torch.optim.Optimizer]]:
     """``torch.optim`` optimizers by lower-case name (sgd, adam, adamw, ...)."""
     return {
@@ -193,6 +220,16 @@ def optimizer_classes() -> dict[str, type[torch.optim.Optimizer]]:
         for name, cls in vars(torch.optim).items()
         if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
     }
+
+
+def _default_weight_decay(cls: type) -> float | None:
+    """The optimizer's own default weight decay (``None`` if it has no such param)."""
+    import inspect
+
+    param = inspect.signature(cls).parameters.get("weight_decay")
+    if param is None or not isinstance(param.default, (int, float)):
+        return None
+    return float(param.default)
 
 
 def parameter_groups(modules: list[nn.Module], weight_decay: float | None, decay_norm_and_bias: bool) -> list[dict[str, Any]]:
@@ -222,6 +259,8 @@ def build_optimizer(
     cls = classes.get(spec.name.lower())
     if cls is None:
         raise RecipeError(f"unknown optimizer {spec.name!r}.{did_you_mean(spec.name.lower(), classes)} ({valid_list(classes)})", key="optimizer.name")
+    if cls.__name__ in _UNSUPPORTED_OPTIMIZERS:
+        raise RecipeError(f"{cls.__name__} is not supported: {_UNSUPPORTED_OPTIMIZERS[cls.__name__]}", key="optimizer.name")
     if "params" in spec.params:
         raise RecipeError("the optimizer's parameters come from the student and losses; remove `params`", key="optimizer.params.params")
     plain, schedules = split_scheduled(dict(spec.params), "optimizer.params")
@@ -233,7 +272,7 @@ def build_optimizer(
     lr_schedule = schedules.get("lr")
     if lr_schedule is not None:
         kwargs["lr"] = 1.0
-    weight_decay = kwargs.pop("weight_decay", None)
+    weight_decay = kwargs.pop("weight_decay", _default_weight_decay(cls))
     groups = parameter_groups(modules, weight_decay, spec.decay_norm_and_bias)
     if not any(g["params"] for g in groups):
         raise RecipeError("nothing to train: the student has no trainable parameters", key="student")

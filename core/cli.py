@@ -167,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except RecipeError as exc:
         if _rank0():
-            print(f"kdforge: error: {exc}", file=sys.stderr)
+            one_line = " ".join(str(exc).split())
+            print(f"kdforge: error: {one_line}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("kdforge: interrupted", file=sys.stderr)

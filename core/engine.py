@@ -246,7 +246,13 @@ class Trainer:
         torch.use_deterministic_algorithms(not torch.cuda.is_available(), warn_only=True)
         self.models = build_all(recipe, raw)
         self.taps = _check_taps(self.models)
-        dry_run(self.models, self.accelerator.device)
+        device = self.accelerator.device
+        self.models.student.to(device)
+        if self.models.teacher is not None:
+            self.models.teacher.to(device)
+        for term in self.models.losses:
+            term.module.to(device)
+        dry_run(self.models, device)
         if resume:
             saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
             changed = _resume_differences(saved, self.models.resolved)
@@ -357,6 +363,8 @@ class Trainer:
                     acc.clip_grad_norm_(self.optimizer.param_groups[0]["params"] + self._other_params(), trainer.max_grad_norm)
                 self.optimizer.step()
                 if acc.sync_gradients:
+                    # what this step used, for the log (plain Python floats: no device sync)
+                    self._used = (progress, self.optimizer.param_groups[0]["lr"])
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             sums += torch.stack([total.detach().float(), *values])
@@ -394,7 +402,7 @@ class Trainer:
         # The one host sync of a logging interval.
         values = acc.reduce(means, reduction="mean").tolist()
         elapsed = max(time.perf_counter() - start, 1e-9)
-        progress = min(self.state["step"] / self.total_steps, 1.0)
+        progress, lr = self._used
         record: dict[str, Any] = {"step": self.state["step"], "epoch": epoch + 1, "train/loss": values[0]}
         for label, value, term in zip(labels, values[1:], self.models.losses):
             record[f"train/loss/{label}"] = value
@@ -402,7 +410,7 @@ class Trainer:
                 record[f"train/weight/{label}"] = term.weight_at(progress)
             for name, schedule in term.param_schedules.items():
                 record[f"train/{label}/{name}"] = schedule(progress)
-        record["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        record["train/lr"] = lr
         record["train/samples_per_second"] = samples * acc.num_processes / elapsed
         if not all(math.isfinite(v) for v in values):
             bad = [lab for lab, v in zip(["total", *labels], values) if not math.isfinite(v)]

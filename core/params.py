@@ -80,9 +80,14 @@ def loc_to_key(prefix: str | None, loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             key += f"[{part}]"
+        elif not _PLAIN_KEY.fullmatch(str(part)):
+            key += f"[{str(part)!r}]"  # odd keys (spaces, newlines, ...) shown quoted
         else:
             key += f".{part}" if key else str(part)
     return key
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import RecipeError
 from .params import describe_error, loc_to_key
@@ -72,6 +72,13 @@ class TrainerSpec(_Strict):
     num_workers: NonNegInt = 0
     drop_last: bool = False
     progress_bar: bool = True
+
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `no` as false
+        return "no" if value is False else value
 
 
 class WandbSpec(_Strict):

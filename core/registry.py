@@ -12,6 +12,7 @@ import importlib.metadata as metadata
 import inspect
 import os
 import sys
+import types
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -148,7 +149,8 @@ class Registry:
             yield _Source(obj, ep.name, dist_name, version, builtin)
         for obj, name in extra:
             module = getattr(obj, "__name__", None) or type(obj).__module__
-            yield _Source(obj, name or module, module, getattr(obj, "__version__", None), False)
+            default = module if isinstance(obj, types.ModuleType) else f"{module}.{type(obj).__name__}@{id(obj):x}"
+            yield _Source(obj, name or default, module, getattr(obj, "__version__", None), False)
 
     def _fail(self, plugin: str, provider: str, version: str | None, error: str) -> None:
         _warn(f"plugin {plugin!r} from {provider} is disabled: {error}")

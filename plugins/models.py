@@ -146,7 +146,7 @@ class SmallCNN(nn.Module):
             layers: list[nn.Module] = [
                 nn.Conv2d(fan_in, width, 3, padding=1, bias=False),
                 nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
+                nn.ReLU(),  # not in place, so a tap on the BatchNorm sees its own output
             ]
             if size >= 4:
                 layers.append(nn.MaxPool2d(2))

@@ -16,19 +16,25 @@ def checkpoint_teacher(path: str) -> nn.Module:
     ``path`` is the run directory (it holds ``recipe.yaml`` and ``student.safetensors``).
     """
     from kdforge.recipe import load_yaml_file
+    from kdforge.params import check_params
     from kdforge.registry import call_factory, get_registry
 
     run_dir = Path(path)
     recipe_file, weights_file = run_dir / "recipe.yaml", run_dir / "student.safetensors"
     if not run_dir.is_dir():
-        raise RecipeError(f"path: no run directory at {path!r}; train the teacher first (kdforge run ...)")
+        raise RecipeError(f"no run directory at {path!r}; train the teacher first (kdforge run ...)",
+                          key="teacher.params.path")
     if not recipe_file.is_file() or not weights_file.is_file():
         missing = "recipe.yaml" if not recipe_file.is_file() else "student.safetensors"
-        raise RecipeError(f"path: {path!r} is not a finished kdforge run (no {missing}); "
-                          f"did its training complete?")
+        raise RecipeError(f"{path!r} is not a finished kdforge run (no {missing}); did its training complete?",
+                          key="teacher.params.path")
     spec = load_yaml_file(recipe_file).get("student") or {}
     record = get_registry().get("student", spec.get("name"), key=f"student of {path}")
-    model = call_factory(record, dict(spec.get("params") or {}), key=f"student of {path}")
+    params = dict(spec.get("params") or {})
+    if params.get("pretrained"):
+        params["pretrained"] = False  # the run's own weights replace them: never download
+    params = check_params(record.factory, params, key=f"student of {path}")
+    model = call_factory(record, params, key=f"student of {path}")
     load_weights(model, weights_file)
     return model
 

@@ -78,7 +78,7 @@ def test_a_third_party_loss_and_schedule_drive_a_real_run(digits_teacher: Path, 
     scales = [m["train/logit_l1/scale"] for m in train]
     total = summary["train/steps"]
     for m, w, s in zip(train, weights, scales):
-        p = m["step"] / total
+        p = (m["step"] - 1) / total
         assert w == pytest.approx(0.5 * (1 - abs(2 * p - 1)))
         assert s == pytest.approx(2.0 * (1 - abs(2 * p - 1)))
     assert max(weights) > weights[0] and weights[-1] < max(weights)
@@ -100,9 +100,9 @@ def test_scheduled_learning_rate_and_temperature(digits_teacher: Path, tmp_path:
     train = [m for m in read_metrics(tmp_path / "run") if "train/loss" in m]
     assert len(train) == total
     for m in train:
-        # the lr logged after step s is the one the next step uses: schedule(s / total)
-        assert m["train/lr"] == pytest.approx(lr(m["step"] / total), abs=1e-9)
-        assert m["train/kd/temperature"] == temperature(m["step"] / total)
+        # step s (counted from 1) ran at progress (s - 1) / total: that is what is logged
+        assert m["train/lr"] == pytest.approx(lr((m["step"] - 1) / total), abs=1e-9)
+        assert m["train/kd/temperature"] == temperature((m["step"] - 1) / total)
     assert {m["train/kd/temperature"] for m in train} == {10, 5, 1}
 
 

@@ -80,6 +80,20 @@ CASES = {
                         losses=[{"name": "kd", "params": {"temperature": {"schedule": "constant", "params": {"value": -4}}}}]),
         ["losses[0].params.temperature", "greater than 0"],
     ),
+    "temperature schedule leaves the range": (
+        lambda t: with_(t, teacher={"name": "mlp"},
+                        losses=[{"name": "kd", "params": {"temperature": {"schedule": "linear", "params": {"start": 8, "end": -2}}}}]),
+        ["losses[0].params.temperature", "greater than 0"],
+    ),
+    "weight schedule goes negative": (
+        lambda t: loss_case(t, [{"name": "ce", "weight": {"schedule": "linear", "params": {"start": 1, "end": -1}}}]),
+        ["losses[0].weight", "below 0"],
+    ),
+    "schedule in a model param": (
+        lambda t: with_(t, student={"name": "mlp", "params": {"dropout": {"schedule": "constant", "params": {"value": 0.1}}}}),
+        ["student.params.dropout", "schedule"],
+    ),
+    "lbfgs": (lambda t: with_(t, optimizer={"name": "lbfgs"}), ["optimizer.name", "closure"]),
     "fp16 without a GPU": (lambda t: with_(t, trainer={"epochs": 1, "mixed_precision": "fp16"}), ["trainer.mixed_precision"]),
     "bad precision": (lambda t: with_(t, trainer={"epochs": 1, "mixed_precision": "fp8"}), ["trainer.mixed_precision"]),
     "wandb typo": (lambda t: with_(t, tracking={"wandb": {"projet": "x"}}), ["tracking.wandb.projet", "project"]),
@@ -162,6 +176,12 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture) -> None:
     expect_usage_error(capsys, ["frobnicate"], "invalid choice")
     expect_usage_error(capsys, ["run"], "recipe")
     expect_usage_error(capsys, ["compare", "/nonexistent-run"], "summary.json")
+
+
+def test_yaml_no_means_no_mixed_precision(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    text = yaml.safe_dump(with_(tmp_path)).replace("progress_bar: false", "progress_bar: false\n  mixed_precision: no")
+    assert "mixed_precision: no" in text
+    assert main(["validate", str(write(tmp_path, text))]) == 0, capsys.readouterr().err
 
 
 def test_existing_run_is_not_clobbered(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
