@@ -32,7 +32,7 @@ from .errors import RecipeError
 from .io import write_json_atomic, write_text_atomic
 from .outputs import DataSplits, ModelOutputs, StepOutputs
 from .recipe import Recipe, load_recipe
-from .taps import FeatureTaps
+from .taps import FeatureTaps, resolve_tap
 from .tracking import MetricsFile, wandb_init_kwargs
 from .weights import save_weights
 
@@ -128,36 +128,78 @@ def collect_taps(losses: list[LossTerm]) -> tuple[list[str], list[str]]:
     return student, teacher
 
 
-def dry_run(models: Models, device: torch.device | str = "cpu") -> None:
-    """Push one small batch through teacher and student; report shape problems as recipe errors."""
-    inputs, _ = split_batch(_first_batch(models.splits.train))
-    inputs = _to_device(inputs, device)
-    expected = models.splits.num_classes
-    for kind, model in (("teacher", models.teacher), ("student", models.student)):
-        if model is None:
-            continue
-        was_training = model.training
-        model.eval()
+def _shapes(features: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+                     for k, v in features.items()) or "none"
+
+
+def _forward_checked(kind: str, model: nn.Module, inputs: Any, splits: DataSplits) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch to report
+        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RecipeError(
+            f"{kind} {type(model).__name__} cannot take the dataset's inputs of shape {shape} "
+            f"(dataset input_shape {tuple(splits.input_shape)}): {type(exc).__name__}: {detail[:200]}",
+            key=kind,
+        ) from None
+    finally:
+        model.train(was_training)
+    expected = splits.num_classes
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] != expected:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise RecipeError(
+            f"{kind} {type(model).__name__} gives logits of shape {got}; the dataset has {expected} "
+            f"classes, so (batch, {expected}) was expected",
+            key=kind,
+        )
+    return logits
+
+
+def dry_run(models: Models, taps: list[FeatureTaps], device: torch.device | str = "cpu") -> None:
+    """Push one small batch through teacher, student and every loss, before any training.
+
+    Shape problems become recipe errors naming the models, taps and shapes. Losses that
+    build parameters from the tapped shapes (connectors) build them here, so they exist
+    before the optimizer and Accelerate's ``prepare`` see them.
+    """
+    inputs, targets = split_batch(_first_batch(models.splits.train, size=4))
+    inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+    teacher_out = None
+    if models.teacher is not None:
+        t_logits = _forward_checked("teacher", models.teacher, inputs, models.splits)
+        teacher_out = ModelOutputs(t_logits, taps[1].take() if len(taps) > 1 else {})
+    s_logits = _forward_checked("student", models.student, inputs, models.splits)
+    out = StepOutputs(
+        student=ModelOutputs(s_logits, taps[0].take()), teacher=teacher_out,
+        teachers=[teacher_out] if teacher_out is not None else [], targets=targets, inputs=inputs, progress=0.0,
+    )
+    for i, term in enumerate(models.losses):
         try:
             with torch.no_grad():
-                logits = model(inputs)
-        except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch to report
-            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                value = term.module(out)
+        except RecipeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - report which loss, taps and shapes
+            detail = " ".join(str(exc).split())[:300]
+            teacher_feats = _shapes(out.teacher.features) if out.teacher is not None else "no teacher"
             raise RecipeError(
-                f"{kind} {type(model).__name__} cannot take the dataset's inputs of shape {shape} "
-                f"(dataset input_shape {tuple(models.splits.input_shape)}): {type(exc).__name__}: {detail[:200]}",
-                key=kind,
+                f"loss {term.label!r} failed on one batch: {type(exc).__name__}: {detail} "
+                f"(student features: {_shapes(out.student.features)}; teacher features: {teacher_feats}; "
+                f"logits {tuple(s_logits.shape)})",
+                key=f"losses[{i}]",
             ) from None
-        finally:
-            model.train(was_training)
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] != expected:
-            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise RecipeError(
-                f"{kind} {type(model).__name__} gives logits of shape {got}; the dataset has {expected} "
-                f"classes, so (batch, {expected}) was expected",
-                key=kind,
-            )
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise RecipeError(f"loss {term.label!r} must return a scalar tensor, got {got}", key=f"losses[{i}]")
+        # Connectors built in the dry run start from fresh statistics, as if built at step 0.
+        for module in term.module.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
 
 
 def _to_device(value: Any, device: torch.device | str) -> Any:
@@ -176,19 +218,35 @@ def validate(recipe_source: Any, overrides: Any = None, *, dry: bool = False) ->
     check_recipe(recipe)
     if dry:
         models = build_all(recipe, raw)
-        _check_taps(models)
-        dry_run(models)
+        taps = _check_taps(models)
+        try:
+            dry_run(models, taps)
+        finally:
+            for tap in taps:
+                tap.remove()
     return recipe
 
 
 def _check_taps(models: Models) -> list[FeatureTaps]:
+    """Check every loss's taps against the models (naming the loss), then install the hooks."""
+    for i, term in enumerate(models.losses):
+        for side, model in (("student", models.student), ("teacher", models.teacher)):
+            names = list(getattr(term.module, f"{side}_taps", []) or [])
+            if names and model is None:
+                raise RecipeError(f"loss {term.label!r} taps teacher features, and the recipe has no teacher",
+                                  key="teacher")
+            param = f"{side}_taps" if f"{side}_taps" in _loss_params(models, i) else f"{side}_tap"
+            for name in names:
+                resolve_tap(model, name, owner=f"{side} {type(model).__name__}", key=f"losses[{i}].params.{param}")
     student_taps, teacher_taps = collect_taps(models.losses)
-    taps = [FeatureTaps(models.student, student_taps, owner="student", key="losses: student_taps")]
+    taps = [FeatureTaps(models.student, student_taps)]
     if teacher_taps:
-        if models.teacher is None:
-            raise RecipeError("a loss taps teacher features, and the recipe has no teacher", key="teacher")
-        taps.append(FeatureTaps(models.teacher, teacher_taps, owner="teacher", key="losses: teacher_taps"))
+        taps.append(FeatureTaps(models.teacher, teacher_taps))
     return taps
+
+
+def _loss_params(models: Models, index: int) -> dict[str, Any]:
+    return dict(models.resolved["losses"][index].get("params") or {})
 
 
 def _resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -252,7 +310,7 @@ class Trainer:
             self.models.teacher.to(device)
         for term in self.models.losses:
             term.module.to(device)
-        dry_run(self.models, device)
+        dry_run(self.models, self.taps, device)
         if resume:
             saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
             changed = _resume_differences(saved, self.models.resolved)
