@@ -115,3 +115,29 @@ def test_two_processes_with_taps_and_a_connector(tmp_path: Path, digits_teacher:
     assert summary["num_processes"] == 2
     assert summary["train/samples_seen_per_process"] == [256, 256]
     assert (tmp_path / "run/checkpoints/epoch-0002/model_1.safetensors").exists()
+
+
+def test_hooks_are_removed_when_the_run_ends(tmp_path: Path, digits_teacher: Path) -> None:
+    built: list[torch.nn.Module] = []
+
+    class Plugin:
+        @kdforge.hookimpl
+        def register_students(self, register):
+            def recorded(**params):
+                model = kdforge.create("student", "small_cnn", **params)
+                built.append(model)
+                return model
+
+            register("recorded_cnn", recorded)
+
+    plugin = Plugin()
+    kdforge.register_plugin(plugin)
+    try:
+        recipe = feature_recipe(tmp_path, digits_teacher, [ATTENTION], epochs=1)
+        recipe["student"] = {"name": "recorded_cnn", "params": {"num_classes": 10, "in_channels": 1,
+                                                                "input_shape": [1, 8, 8], "channels": [8, 12]}}
+        kdforge.run(recipe)
+    finally:
+        kdforge.unregister_plugin(plugin)
+    (model,) = built
+    assert all(not m._forward_hooks for m in model.modules())
