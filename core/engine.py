@@ -160,6 +160,33 @@ def _forward_checked(kind: str, model: nn.Module, inputs: Any, splits: DataSplit
     return logits
 
 
+def ensemble_members(teacher: nn.Module | None) -> list[nn.Module]:
+    """The members of a teacher ensemble (a module with ``members`` and ``combine``), else []."""
+    members = getattr(teacher, "members", None)
+    if members is not None and callable(getattr(teacher, "combine", None)):
+        return list(members)
+    return []
+
+
+def teacher_forward(teacher: nn.Module, inputs: Any, targets: torch.Tensor | None,
+                    taps: FeatureTaps | None) -> tuple[ModelOutputs, list[ModelOutputs]]:
+    """Run the teacher (an ensemble: its members one after another); return the view and each member's.
+
+    Call under ``no_grad``. Only the logits and tapped features are kept.
+    """
+    members = ensemble_members(teacher)
+    if not members:
+        out = ModelOutputs(teacher(inputs), taps.take() if taps is not None else {})
+        return out, [out]
+    outputs = []
+    for i, member in enumerate(members):
+        logits = member(inputs)
+        prefix = f"members.{i}."
+        captured = taps.take() if taps is not None else {}
+        outputs.append(ModelOutputs(logits, {k[len(prefix):]: v for k, v in captured.items() if k.startswith(prefix)}))
+    return teacher.combine(outputs, targets), outputs
+
+
 def dry_run(models: Models, taps: list[FeatureTaps], device: torch.device | str = "cpu") -> None:
     """Push one small batch through teacher, student and every loss, before any training.
 
@@ -169,14 +196,20 @@ def dry_run(models: Models, taps: list[FeatureTaps], device: torch.device | str 
     """
     inputs, targets = split_batch(_first_batch(models.splits.train, size=4))
     inputs, targets = _to_device(inputs, device), _to_device(targets, device)
-    teacher_out = None
+    teacher_out, teachers = None, []
     if models.teacher is not None:
-        t_logits = _forward_checked("teacher", models.teacher, inputs, models.splits)
-        teacher_out = ModelOutputs(t_logits, taps[1].take() if len(taps) > 1 else {})
+        for i, member in enumerate(ensemble_members(models.teacher)):
+            _forward_checked(f"teacher.params.teachers[{i}]", member, inputs, models.splits)
+        _forward_checked("teacher", models.teacher, inputs, models.splits)
+        if len(taps) > 1:
+            taps[1].take()  # drop what the checks captured
+        models.teacher.eval()
+        with torch.no_grad():
+            teacher_out, teachers = teacher_forward(models.teacher, inputs, targets, taps[1] if len(taps) > 1 else None)
     s_logits = _forward_checked("student", models.student, inputs, models.splits)
     out = StepOutputs(
         student=ModelOutputs(s_logits, taps[0].take()), teacher=teacher_out,
-        teachers=[teacher_out] if teacher_out is not None else [], targets=targets, inputs=inputs, progress=0.0,
+        teachers=teachers, targets=targets, inputs=inputs, progress=0.0,
     )
     for i, term in enumerate(models.losses):
         try:
@@ -376,14 +409,11 @@ class Trainer:
             )
 
     # -- steps ----------------------------------------------------------------------------
-    def _teacher_outputs(self, inputs: Any) -> tuple[ModelOutputs | None, list[ModelOutputs]]:
+    def _teacher_outputs(self, inputs: Any, targets: torch.Tensor | None) -> tuple[ModelOutputs | None, list[ModelOutputs]]:
         if self.teacher is None:
             return None, []
         with torch.no_grad(), self.accelerator.autocast():
-            logits = self.teacher(inputs)
-        feats = self.taps[1].take() if len(self.taps) > 1 else {}
-        out = ModelOutputs(logits, feats)
-        return out, [out]
+            return teacher_forward(self.teacher, inputs, targets, self.taps[1] if len(self.taps) > 1 else None)
 
     def train_epoch(self, epoch: int) -> None:
         """One pass over the training data."""
@@ -400,7 +430,7 @@ class Trainer:
             inputs, targets = split_batch(batch)
             progress = min(self.state["step"] / self.total_steps, 1.0)
             with acc.accumulate(self.student, *[t.module for t in self.trainable_losses]):
-                teacher_out, teachers = self._teacher_outputs(inputs)
+                teacher_out, teachers = self._teacher_outputs(inputs, targets)
                 with acc.autocast():
                     logits = self.student(inputs)
                     out = StepOutputs(
@@ -519,6 +549,9 @@ class Trainer:
         epoch_start = time.perf_counter()
         if self.teacher is not None and self.state.get("teacher_accuracy") is None and start_epoch == 0:
             self.state["teacher_accuracy"] = self.evaluate(self.teacher)
+            members = ensemble_members(self.teacher)
+            if members:
+                self.state["teacher_member_accuracy"] = [self.evaluate(m) for m in members]
         for epoch in range(start_epoch, recipe.trainer.epochs):
             self.train_epoch(epoch)
             accuracy = self.evaluate(self.student)
@@ -559,6 +592,8 @@ class Trainer:
         if self.teacher is not None:
             summary["teacher/accuracy"] = self.state.get("teacher_accuracy")
             summary["teacher/params"] = count_params(self.teacher)
+            if self.state.get("teacher_member_accuracy") is not None:
+                summary["teacher/members/accuracy"] = self.state["teacher_member_accuracy"]
         if self.is_main:
             weights = self.run_dir / "student.safetensors"
             save_weights(student, weights)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -11,10 +11,26 @@ from torch.utils.data import Dataset
 
 @dataclass
 class ModelOutputs:
-    """What one model produced for a batch: its logits and any tapped features."""
+    """What one model produced for a batch: its logits and any tapped features.
+
+    ``log_probs(T)`` is the temperature-softened distribution a loss should distill from:
+    ``log_softmax(logits / T)`` for one model; a combined view (an ensemble) supplies its
+    own rule, e.g. the mean of its members' softened distributions (Hinton et al. 2015).
+    """
 
     logits: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    soften: Callable[[float], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        """Float32 log-probabilities of the softened distribution at ``temperature``."""
+        if self.soften is not None:
+            return self.soften(float(temperature))
+        return torch.log_softmax(self.logits.float() / float(temperature), dim=-1)
+
+    def probs(self, temperature: float = 1.0) -> torch.Tensor:
+        """Float32 probabilities of the softened distribution at ``temperature``."""
+        return self.log_probs(temperature).exp()
 
 
 @dataclass

@@ -51,7 +51,8 @@ class HintonKD(torch.nn.Module):
     """Hinton et al. 2015: T^2 * KL(softmax(teacher/T) || softmax(student/T)), batch mean.
 
     Computed in float32 whatever the autocast dtype. ``temperature`` may be driven by a
-    schedule.
+    schedule. With an ensemble teacher it distills from the ensemble's combined
+    distribution at this temperature (``ModelOutputs.log_probs``).
     """
 
     teacher_required = True
@@ -64,8 +65,8 @@ class HintonKD(torch.nn.Module):
         if out.teacher is None:
             raise ValueError("the kd loss needs a teacher: add a `teacher` to the recipe")
         t = float(self.temperature)
-        teacher_log_probs = F.log_softmax(out.teacher.logits.float() / t, dim=-1)
-        return kd_divergence(out.student.logits, teacher_log_probs, t)
+        # log_probs: log_softmax(logits / T), or an ensemble's own combination at this T
+        return kd_divergence(out.student.logits, out.teacher.log_probs(t), t)
 
 
 @hookimpl

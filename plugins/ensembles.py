@@ -1,0 +1,138 @@
+"""Multi-teacher ensembles: several teachers, one combined view for the losses.
+
+The engine runs the members one after another under ``no_grad`` (keeping only their
+logits and tapped features), then asks the ensemble to ``combine`` them: ``out.teacher``
+is the combined view and ``out.teachers`` each member's own outputs. Tap a member's
+module as ``members.<i>.<name>`` (e.g. ``members.0.layer3``); in ``out.teachers[i]`` the
+feature appears under the member's own name (``layer3``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from kdforge import ModelOutputs, RecipeError, UNLABELED, hookimpl
+
+Combine = Literal["mean_probs", "mean_logits", "weighted", "confidence"]
+
+
+class TeacherSpec(BaseModel):
+    """One member: any teacher plugin with its params."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def member_weights(outputs: list[ModelOutputs], combine: str, weights: torch.Tensor | None,
+                   targets: torch.Tensor | None) -> torch.Tensor:
+    """(N, K) per-sample weights of the K members, each row summing to 1.
+
+    ``confidence`` (CA-MKD, Zhang et al. 2022): w_k = (1 - softmax_k(CE_k)) / (K - 1) with
+    CE_k the member's cross-entropy on the label: lower loss, more weight. Unlabeled
+    samples (and a split without labels) weigh every member equally.
+    """
+    n, k = outputs[0].logits.shape[0], len(outputs)
+    device = outputs[0].logits.device
+    uniform = torch.full((n, k), 1.0 / k, device=device)
+    if combine == "weighted" and weights is not None:
+        return (weights.to(device) / weights.sum()).expand(n, k)
+    if combine != "confidence" or targets is None or k == 1:
+        return uniform
+    labels = targets.long().to(device)
+    labeled = labels != UNLABELED
+    ce = torch.stack([F.cross_entropy(o.logits.float(), labels.clamp_min(0), reduction="none") for o in outputs], dim=1)
+    confident = (1.0 - torch.softmax(ce, dim=1)) / (k - 1)
+    return torch.where(labeled[:, None], confident, uniform)
+
+
+class TeacherEnsemble(nn.Module):
+    """Several frozen teachers combined by ``mean_probs``, ``mean_logits``, ``weighted`` or ``confidence``.
+
+    mean_probs (Hinton et al. 2015): p(T) = mean_k softmax(z_k / T), at whatever temperature
+    the loss asks for (``ModelOutputs.log_probs(T)``); weighted and confidence: the same
+    mixture with fixed or per-sample weights; mean_logits: softmax(mean_k z_k / T).
+    The combined logits (used for the teacher's accuracy and by logit losses) are
+    log p(1) for the mixtures and the mean logits for mean_logits.
+    """
+
+    def __init__(self, members: list[nn.Module], combine: Combine = "mean_probs",
+                 weights: list[float] | None = None) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.combine_rule = combine
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32) if weights else torch.ones(0),
+                             persistent=False)
+
+    def combine(self, outputs: list[ModelOutputs], targets: torch.Tensor | None = None) -> ModelOutputs:
+        """The combined view of the members' outputs (targets are used by ``confidence``)."""
+        features = {f"members.{i}.{name}": value for i, o in enumerate(outputs) for name, value in o.features.items()}
+        weights = self.weights if self.weights.numel() else None
+        w = member_weights(outputs, self.combine_rule, weights, targets)
+        if self.combine_rule == "mean_logits":
+            logits = torch.stack([o.logits.float() for o in outputs], dim=1).mean(dim=1)
+            return ModelOutputs(logits, features)
+        log_w = torch.log(w.clamp_min(1e-30))
+
+        def soften(temperature: float) -> torch.Tensor:
+            member_log_probs = torch.stack([F.log_softmax(o.logits.float() / temperature, dim=-1) for o in outputs], dim=1)
+            return torch.logsumexp(member_log_probs + log_w[:, :, None], dim=1)
+
+        return ModelOutputs(soften(1.0), features, soften)
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        """Combined logits without labels (``confidence`` falls back to equal weights)."""
+        return self.combine([ModelOutputs(member(inputs)) for member in self.members]).logits
+
+
+def ensemble(
+    teachers: Annotated[list[dict[str, Any]], Field(min_length=1)],
+    combine: Combine = "mean_probs",
+    weights: list[Annotated[float, Field(gt=0.0)]] | None = None,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    input_shape: list[int] | None = None,
+) -> TeacherEnsemble:
+    """An ensemble of teachers (any teacher plugins, different architectures welcome).
+
+    ``combine``: mean_probs (default), mean_logits, weighted (with ``weights``, one per
+    teacher) or confidence (per-sample weights from each teacher's loss on the label).
+    """
+    from kdforge.params import check_params
+    from kdforge.registry import call_factory, get_registry
+
+    if combine == "weighted" and (weights is None or len(weights) != len(teachers)):
+        raise ValueError(f"combine: weighted needs `weights` with one entry per teacher ({len(teachers)})")
+    if combine != "weighted" and weights is not None:
+        raise ValueError("`weights` only apply to combine: weighted")
+    context = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels),
+                                 ("input_shape", input_shape)) if v is not None}
+    members = []
+    for i, raw in enumerate(teachers):
+        key = f"teacher.params.teachers[{i}]"
+        try:
+            spec = TeacherSpec.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise RecipeError(f"{err['msg']} (a teacher is {{name, params}})", key=f"{key}.{'.'.join(map(str, err['loc']))}") from None
+        if spec.name == "ensemble":
+            raise RecipeError("an ensemble cannot hold another ensemble", key=f"{key}.name")
+        record = get_registry().get("teacher", spec.name, key=f"{key}.name")
+        params = check_params(record.factory, spec.params, key=f"{key}.params", provided_context=context)
+        member = call_factory(record, params, key=f"{key}.params")
+        if not isinstance(member, nn.Module):
+            raise RecipeError(f"teacher {spec.name!r} built a {type(member).__name__}, not a torch.nn.Module", key=key)
+        members.append(member)
+    return TeacherEnsemble(members, combine, weights)
+
+
+@hookimpl
+def register_teachers(register) -> None:
+    """Register ``ensemble``."""
+    register("ensemble", ensemble)
