@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import RecipeError
 from .io import write_json_atomic
@@ -76,7 +76,8 @@ def clear_run_dir(run_dir: Path) -> None:
             target.unlink()
 
 
-def save_checkpoint(accelerator: Any, run_dir: Path, tag: str, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(accelerator: Any, run_dir: Path, tag: str, state: dict[str, Any], keep: int,
+                    extra: Callable[[Path], None] | None = None) -> Path:
     """Write a complete checkpoint atomically; keep only the newest ``keep``. All processes call this."""
     root = checkpoint_dir(run_dir)
     tmp, final = root / f".tmp-{tag}", root / tag
@@ -88,6 +89,8 @@ def save_checkpoint(accelerator: Any, run_dir: Path, tag: str, state: dict[str, 
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extra is not None:
+            extra(tmp)
         write_json_atomic(tmp / STATE_FILE, state)
         if final.exists():
             shutil.rmtree(final)

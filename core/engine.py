@@ -34,7 +34,9 @@ from .outputs import DataSplits, ModelOutputs, StepOutputs
 from .recipe import Recipe, load_recipe
 from .taps import FeatureTaps, resolve_tap
 from .tracking import MetricsFile, wandb_init_kwargs
-from .weights import save_weights
+from .weights import load_weights, save_weights
+
+TEACHER_STATE = "teacher.safetensors"
 
 #: recipe keys that may change between a run and its --resume
 RESUMABLE_CHANGES = (
@@ -99,6 +101,8 @@ def build_all(recipe: Recipe, raw: dict[str, Any]) -> Models:
     if recipe.teacher is not None:
         teacher, teacher_params = build_model("teacher", recipe.teacher, "teacher", context)
         resolved["teacher"]["params"] = _jsonable({**recipe.teacher.params, **teacher_params})
+    if teacher is not None and callable(getattr(teacher, "bind", None)):
+        teacher.bind(student)  # a teacher that follows the student (ema) starts as its copy
     losses = build_losses(recipe)
     return Models(splits, student, teacher, losses, resolved)
 
@@ -392,6 +396,7 @@ class Trainer:
         optimizer, scheduler = build_optimizer(recipe.optimizer, modules, self.total_steps)
         self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
         self.teacher = models.teacher
+        self.follows_student = callable(getattr(self.teacher, "update", None)) and hasattr(self.teacher, "bind")
         if self.teacher is not None:
             self.teacher.to(acc.device).eval().requires_grad_(False)
         self.state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "teacher_accuracy": None,
@@ -400,6 +405,8 @@ class Trainer:
             latest = ckpt.latest_checkpoint(self.run_dir)
             acc.load_state(str(latest))
             self.state = ckpt.read_state(latest)
+            if self.follows_student:
+                load_weights(self.teacher, latest / TEACHER_STATE)
             self.metrics.truncate_after(self.state["step"])
         if recipe.tracking.wandb is not None and recipe.tracking.wandb.mode != "disabled":
             spec = recipe.tracking.wandb
@@ -454,6 +461,8 @@ class Trainer:
                     # what this step used, for the log (plain Python floats: no device sync)
                     self._used = (progress, self.optimizer.param_groups[0]["lr"])
                     self.scheduler.step()
+                    if self.follows_student:
+                        self.teacher.update(acc.unwrap_model(self.student))
                 self.optimizer.zero_grad(set_to_none=True)
             sums += torch.stack([total.detach().float(), *values])
             window_batches += 1
@@ -473,6 +482,11 @@ class Trainer:
                     window_batches, window_samples, window_start = 0, 0, time.perf_counter()
         if bar is not None:
             bar.close()
+
+    def _save_extra(self, directory: Path) -> None:
+        """State kdforge keeps beside Accelerate's (main process): a teacher that follows the student."""
+        if self.follows_student:
+            save_weights(self.teacher, directory / TEACHER_STATE)
 
     def _other_params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups[1:] for p in g["params"]]
@@ -556,6 +570,8 @@ class Trainer:
             self.train_epoch(epoch)
             accuracy = self.evaluate(self.student)
             record = {"step": self.state["step"], "epoch": epoch + 1, "student/accuracy": accuracy}
+            if self.follows_student:  # a teacher that changes is evaluated every epoch
+                self.state["teacher_accuracy"] = record["teacher/accuracy"] = self.evaluate(self.teacher)
             self.state["history"].append({"epoch": epoch + 1, "student/accuracy": accuracy})
             self.state["epoch"] = epoch + 1
             self.state["wall_seconds"] = wall_before + (time.perf_counter() - epoch_start)
@@ -566,7 +582,7 @@ class Trainer:
             last = epoch + 1 == recipe.trainer.epochs
             if last or (epoch + 1) % recipe.trainer.checkpoint_every == 0:
                 ckpt.save_checkpoint(acc, self.run_dir, f"epoch-{epoch + 1:04d}", self.state,
-                                     recipe.trainer.keep_checkpoints)
+                                     recipe.trainer.keep_checkpoints, extra=self._save_extra)
         return self.finish(wall_before + (time.perf_counter() - epoch_start))
 
     def finish(self, wall_seconds: float) -> dict[str, Any]:
