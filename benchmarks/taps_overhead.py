@@ -76,9 +76,12 @@ def main() -> None:
     args = parser.parse_args()
     kdforge.register_plugin(_Plugin())
     results: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    names = list(VARIANTS)
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every variant
-            for variant in VARIANTS:
+        throughput("kd", args, Path(tmp))  # warm-up run, discarded
+        for repeat in range(args.repeats):
+            # interleaved and rotated, so load drifts and position effects hit every variant alike
+            for variant in names[repeat % len(names):] + names[: repeat % len(names)]:
                 results[variant].append(throughput(variant, args, Path(tmp)))
     base = statistics.median(results["kd"])
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"

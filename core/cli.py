@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override a recipe value (parsed as YAML); repeatable")
 
-    run = sub.add_parser("run", help="train a recipe")
-    add_recipe_args(run)
+    run = sub.add_parser("run", help="train a recipe (several: one after another, e.g. born-again generations)")
+    run.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML file(s), run in order")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a recipe value (parsed as YAML); repeatable; applies to every recipe")
     run.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, or runs/<name>)")
     run.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run directory")
@@ -69,12 +71,18 @@ def _version() -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``kdforge run``."""
-    from .engine import run_recipe
+    from .engine import run_recipe, validate
 
-    summary = run_recipe(args.recipe, args.overrides, output_dir=args.output_dir,
-                         resume=args.resume, overwrite=args.overwrite)
-    if _rank0():
-        print(json.dumps(summary, indent=2, sort_keys=True))
+    if len(args.recipes) > 1 and args.output_dir:
+        raise RecipeError("--output-dir names one run directory; give each recipe its own output_dir instead")
+    # Check every recipe before training any, so a typo in the last one costs no compute.
+    for recipe in args.recipes:
+        validate(recipe, args.overrides)
+    for recipe in args.recipes:
+        summary = run_recipe(recipe, args.overrides, output_dir=args.output_dir,
+                             resume=args.resume, overwrite=args.overwrite)
+        if _rank0():
+            print(json.dumps(summary, indent=2, sort_keys=True))
     return EXIT_OK
 
 

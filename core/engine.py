@@ -483,6 +483,9 @@ class Trainer:
         if bar is not None:
             bar.close()
 
+    def _unwrapped(self, module: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(module)
+
     def _save_extra(self, directory: Path) -> None:
         """State kdforge keeps beside Accelerate's (main process): a teacher that follows the student."""
         if self.follows_student:
@@ -530,29 +533,46 @@ class Trainer:
                                  step=int(record["step"]))
 
     # -- evaluation -----------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> float | None:
-        """Top-1 accuracy on the eval split (labeled samples only), gathered over processes."""
+        """Top-1 accuracy of ``model`` on the eval split (labeled samples only), over all processes."""
+        return self.evaluate_exits(model, [])[0]
+
+    @torch.no_grad()
+    def evaluate_exits(self, model: nn.Module, exit_losses: list[nn.Module]) -> tuple[float | None, dict[str, float | None]]:
+        """Accuracy of ``model`` and of every extra exit the losses report through ``eval_logits``."""
         if self.eval_loader is None:
-            return None
+            return None, {}
         acc = self.accelerator
         was_training = model.training
         model.eval()
-        correct = torch.zeros((), device=acc.device, dtype=torch.long)
-        counted = torch.zeros((), device=acc.device, dtype=torch.long)
+        counts: dict[str, torch.Tensor] = {}
+
+        def count(name: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
+            preds, labels = acc.gather_for_metrics((logits.argmax(dim=-1), targets))
+            labeled = labels >= 0
+            pair = torch.stack([(preds.eq(labels) & labeled).sum(), labeled.sum()])
+            counts[name] = counts[name] + pair if name in counts else pair
+
         for batch in self.eval_loader:
             inputs, targets = split_batch(batch)
-            if targets is None:
-                continue
             with acc.autocast():
                 logits = model(inputs)
-            preds, targets = acc.gather_for_metrics((logits.argmax(dim=-1), targets))
-            labeled = targets >= 0
-            correct += (preds.eq(targets) & labeled).sum()
-            counted += labeled.sum()
+                features = self.taps[0].take() if model is self.student else {}
+                if targets is None:
+                    continue
+                count("", logits, targets)
+                if exit_losses:
+                    out = StepOutputs(student=ModelOutputs(logits, features), targets=targets, inputs=inputs)
+                    for loss in exit_losses:
+                        for name, exit_logits in acc.unwrap_model(loss).eval_logits(out).items():
+                            count(name, exit_logits, targets)
+        for tap in self.taps:
+            tap.take()
         model.train(was_training)
-        total = int(counted.item())
-        return float(correct.item()) / total if total else None
+        # The one host sync of an evaluation.
+        results = {name: (int(c[0]) / int(c[1]) if int(c[1]) else None) for name, c in
+                   ((name, pair.tolist()) for name, pair in counts.items())}
+        return results.pop("", None), results
 
     # -- the run --------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -568,8 +588,11 @@ class Trainer:
                 self.state["teacher_member_accuracy"] = [self.evaluate(m) for m in members]
         for epoch in range(start_epoch, recipe.trainer.epochs):
             self.train_epoch(epoch)
-            accuracy = self.evaluate(self.student)
+            exit_losses = [t.module for t in self.models.losses if callable(getattr(self._unwrapped(t.module), "eval_logits", None))]
+            accuracy, exits = self.evaluate_exits(self.student, exit_losses)
             record = {"step": self.state["step"], "epoch": epoch + 1, "student/accuracy": accuracy}
+            record.update({f"student/exits/{name}/accuracy": value for name, value in exits.items()})
+            self.state["exit_accuracy"] = exits
             if self.follows_student:  # a teacher that changes is evaluated every epoch
                 self.state["teacher_accuracy"] = record["teacher/accuracy"] = self.evaluate(self.teacher)
             self.state["history"].append({"epoch": epoch + 1, "student/accuracy": accuracy})
@@ -610,9 +633,15 @@ class Trainer:
             summary["teacher/params"] = count_params(self.teacher)
             if self.state.get("teacher_member_accuracy") is not None:
                 summary["teacher/members/accuracy"] = self.state["teacher_member_accuracy"]
+        if self.state.get("exit_accuracy"):
+            summary["student/exits/accuracy"] = self.state["exit_accuracy"]
         if self.is_main:
             weights = self.run_dir / "student.safetensors"
             save_weights(student, weights)
+            for term in self.models.losses:
+                export = getattr(self._unwrapped(term.module), "export", None)
+                if callable(export):
+                    export(student, self.run_dir)
             summary["student/size_bytes"] = weights.stat().st_size
             write_json_atomic(self.run_dir / "summary.json", summary)
         acc.wait_for_everyone()

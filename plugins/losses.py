@@ -24,6 +24,18 @@ def kd_divergence(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor,
     return kl.mean() * (temperature**2)
 
 
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor | None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the labeled samples (target -1 is skipped), in float32; 0 without labels."""
+    logits = logits.float()
+    if targets is None:
+        return logits.sum() * 0.0
+    targets = targets.long()
+    per_sample = F.cross_entropy(logits, targets.clamp_min(0), reduction="none", label_smoothing=label_smoothing)
+    labeled = (targets != UNLABELED).to(per_sample.dtype)
+    # Divide on the device: no host sync to count the labeled samples.
+    return (per_sample * labeled).sum() / labeled.sum().clamp_min(1.0)
+
+
 class CrossEntropy(torch.nn.Module):
     """Cross-entropy of the student's logits with the labels (unlabeled samples ignored).
 
@@ -35,16 +47,7 @@ class CrossEntropy(torch.nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
-        logits = out.student.logits.float()
-        if out.targets is None:
-            return logits.sum() * 0.0
-        targets = out.targets.long()
-        per_sample = F.cross_entropy(
-            logits, targets.clamp_min(0), reduction="none", label_smoothing=self.label_smoothing
-        )
-        labeled = (targets != UNLABELED).to(per_sample.dtype)
-        # Divide on the device: no host sync to count the labeled samples.
-        return (per_sample * labeled).sum() / labeled.sum().clamp_min(1.0)
+        return masked_cross_entropy(out.student.logits, out.targets, self.label_smoothing)
 
 
 class HintonKD(torch.nn.Module):
