@@ -543,8 +543,9 @@ class Trainer:
         if self.eval_loader is None:
             return None, {}
         acc = self.accelerator
-        was_training = model.training
-        model.eval()
+        modes = [(m, m.training) for m in (model, *exit_losses)]
+        for module, _ in modes:
+            module.eval()  # exit heads too: their BatchNorm must use running statistics
         counts: dict[str, torch.Tensor] = {}
 
         def count(name: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -568,7 +569,8 @@ class Trainer:
                             count(name, exit_logits, targets)
         for tap in self.taps:
             tap.take()
-        model.train(was_training)
+        for module, mode in modes:
+            module.train(mode)
         # The one host sync of an evaluation.
         results = {name: (int(c[0]) / int(c[1]) if int(c[1]) else None) for name, c in
                    ((name, pair.tolist()) for name, pair in counts.items())}
