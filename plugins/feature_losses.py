@@ -58,6 +58,8 @@ class AttentionTransfer(nn.Module):
     Pairs with different spatial sizes are pooled to the smaller size (``pool: true``).
     """
 
+    teacher_required = True
+
     def __init__(
         self,
         student_taps: TapList,
@@ -129,6 +131,8 @@ class RelationalKD(nn.Module):
     every triplet's angle. Taps default to the logits (``None``).
     """
 
+    teacher_required = True
+
     def __init__(
         self,
         student_tap: str | None = None,
@@ -178,6 +182,8 @@ class FitNet(nn.Module):
     trained with the student and saved in checkpoints. Maps of different spatial sizes are
     pooled to the smaller size.
     """
+
+    teacher_required = True
 
     def __init__(self, student_tap: str, teacher_tap: str) -> None:
         super().__init__()
