@@ -18,7 +18,7 @@ from .errors import RecipeError
 from .io import write_json_atomic
 
 STATE_FILE = "kdforge_state.json"
-_CHECKPOINT = re.compile(r"^epoch-(\d+)$")
+_CHECKPOINT = re.compile(r"^(epoch|step)-(\d+)$")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -33,10 +33,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = []
     for child in root.iterdir():
-        match = _CHECKPOINT.match(child.name)
-        if match and child.is_dir() and (child / STATE_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
+        if _CHECKPOINT.match(child.name) and child.is_dir() and (child / STATE_FILE).is_file():
+            try:
+                state = read_state(child)
+                found.append((int(state["step"]), int(state.get("batch_in_epoch", 0)) == 0, child.name, child))
+            except (ValueError, KeyError, TypeError, OSError):
+                continue  # unreadable state: not a complete checkpoint
+    return [entry[-1] for entry in sorted(found)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

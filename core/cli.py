@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import RecipeError
+from .errors import RecipeError, TrainingStopped
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -178,13 +178,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             one_line = " ".join(str(exc).split())
             print(f"kdforge: error: {one_line}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingStopped as exc:
+        print(f"kdforge: stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("kdforge: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - report a crash once, with its traceback, as exit 1
-        if _rank0():
-            traceback.print_exc()
-            print(f"kdforge: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        # The failing process reports (it may not be rank 0); the launcher stops the others.
+        rank = os.environ.get("RANK")
+        traceback.print_exc()
+        where = f" (process {rank})" if rank not in (None, "", "0") else ""
+        print(f"kdforge: failed{where}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         _shutdown_distributed()

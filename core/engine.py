@@ -6,8 +6,13 @@ The engine knows no distillation method: it runs the teacher(s) and the student,
 
 from __future__ import annotations
 
+import errno
+import itertools
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +33,7 @@ from .build import (
     check_recipe,
     data_context,
 )
-from .errors import RecipeError
+from .errors import RecipeError, TrainingStopped
 from .io import write_json_atomic, write_text_atomic
 from .outputs import DataSplits, ModelOutputs, StepOutputs
 from .recipe import Recipe, load_recipe
@@ -359,6 +364,16 @@ class Trainer:
                 )
         self.is_main = self.accelerator.is_main_process
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", self.is_main)
+        self._interrupted = False
+
+    def request_stop(self, *_: Any) -> None:
+        """SIGINT handler: stop at the next step boundary with a checkpoint (a second Ctrl-C aborts)."""
+        if self._interrupted:
+            raise KeyboardInterrupt
+        self._interrupted = True
+        if self.is_main:
+            print("\nkdforge: stopping at the next step boundary and saving a checkpoint "
+                  "(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -422,18 +437,35 @@ class Trainer:
         with torch.no_grad(), self.accelerator.autocast():
             return teacher_forward(self.teacher, inputs, targets, self.taps[1] if len(self.taps) > 1 else None)
 
-    def train_epoch(self, epoch: int) -> None:
-        """One pass over the training data."""
+    def train_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """One pass over the training data (after ``skip_batches`` when resuming mid-epoch)."""
         acc, trainer = self.accelerator, self.recipe.trainer
         self.student.train()
         for term in self.trainable_losses:
             term.module.train()
         self.train_loader.set_epoch(epoch)
+        loader = self.train_loader
+        if skip_batches:
+            loader = acc.skip_first_batches(self.train_loader, skip_batches)
+            loader.set_epoch(epoch)  # a fresh loader would otherwise shuffle as in epoch 0
+        self.state["batch_in_epoch"] = skip_batches
         labels = [t.label for t in self.models.losses]
         sums = torch.zeros(len(labels) + 1, device=acc.device)
+        # first non-finite step and which terms (kept on the device: checked at log intervals)
+        self._bad_step = torch.full((), -1.0, device=acc.device)
+        self._bad_terms = torch.zeros(len(labels) + 1, device=acc.device)
         window_batches, window_samples, window_start = 0, 0, time.perf_counter()
-        bar = self._progress_bar(epoch)
-        for batch in self.train_loader:
+        bar = self._progress_bar(epoch, skip_batches)
+        batches: Any = iter(loader)
+        if skip_batches:
+            # The uninterrupted run drew the loader's seed (and any main-process augmentation of
+            # the skipped batches) before the checkpointed RNG state: don't draw them again. Exact
+            # when the data pipeline draws no random numbers in the main process.
+            rng = torch.get_rng_state()
+            first = next(batches, None)
+            torch.set_rng_state(rng)
+            batches = itertools.chain([] if first is None else [first], batches)
+        for batch in batches:
             inputs, targets = split_batch(batch)
             progress = min(self.state["step"] / self.total_steps, 1.0)
             with acc.accumulate(self.student, *[t.module for t in self.trainable_losses]):
@@ -453,6 +485,12 @@ class Trainer:
                         values.append(value.detach().float())
                         weighted = value * term.weight_at(progress)
                         total = weighted if total is None else total + weighted
+                if trainer.nonfinite == "skip" and not self._all_finite(total):
+                    # opt-in: one host sync per step (and a collective across processes)
+                    self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.state["batch_in_epoch"] += 1
+                    continue
                 acc.backward(total)
                 if acc.sync_gradients and trainer.max_grad_norm is not None:
                     acc.clip_grad_norm_(self.optimizer.param_groups[0]["params"] + self._other_params(), trainer.max_grad_norm)
@@ -464,7 +502,13 @@ class Trainer:
                     if self.follows_student:
                         self.teacher.update(acc.unwrap_model(self.student))
                 self.optimizer.zero_grad(set_to_none=True)
-            sums += torch.stack([total.detach().float(), *values])
+            step_values = torch.stack([total.detach().float(), *values])
+            sums += step_values
+            bad = ~torch.isfinite(step_values)
+            first = bad.any() & (self._bad_step < 0)
+            self._bad_step = torch.where(first, torch.tensor(float(self.state["step"] + 1), device=acc.device), self._bad_step)
+            self._bad_terms = torch.where(first, bad.float(), self._bad_terms)
+            self.state["batch_in_epoch"] += 1
             window_batches += 1
             n = batch_size_of(inputs)
             window_samples += n
@@ -473,8 +517,11 @@ class Trainer:
                 self.state["step"] += 1
                 if bar is not None:
                     bar.update(1)
-                if self.state["step"] % trainer.log_every == 0 or self.state["step"] % self.steps_per_epoch == 0:
-                    record = self._log_train(epoch, labels, sums / window_batches, window_samples, window_start)
+                at_log = self.state["step"] % trainer.log_every == 0 or self.state["step"] % self.steps_per_epoch == 0
+                if self._interrupted and acc.num_processes == 1 and not at_log:
+                    self._stop_for_interrupt()
+                if at_log:
+                    record = self._log_train(epoch, labels, sums / max(window_batches, 1), window_samples, window_start)
                     if bar is not None:
                         bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items()
                                          if k.startswith("train/loss")} | {"samples/s": f"{record['train/samples_per_second']:.0f}"})
@@ -482,6 +529,21 @@ class Trainer:
                     window_batches, window_samples, window_start = 0, 0, time.perf_counter()
         if bar is not None:
             bar.close()
+        self.state["batch_in_epoch"] = 0
+
+    def _all_finite(self, total: torch.Tensor) -> bool:
+        finite = torch.isfinite(total.detach()).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.reduce(finite, reduction="sum") / self.accelerator.num_processes
+        return bool(finite.item() == 1.0)
+
+    def _stop_for_interrupt(self) -> None:
+        """Ctrl-C: checkpoint at this step boundary, then stop (resumable with --resume)."""
+        path = ckpt.save_checkpoint(self.accelerator, self.run_dir, f"step-{self.state['step']:08d}", self.state,
+                                    self.recipe.trainer.keep_checkpoints, extra=self._save_extra)
+        raise TrainingStopped(
+            f"interrupted at step {self.state['step']} (epoch {self.state['epoch'] + 1}); saved {path}; "
+            f"continue with --resume", exit_code=130)
 
     def _unwrapped(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module)
@@ -494,7 +556,7 @@ class Trainer:
     def _other_params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups[1:] for p in g["params"]]
 
-    def _progress_bar(self, epoch: int):
+    def _progress_bar(self, epoch: int, done: int = 0):
         if not (self.recipe.trainer.progress_bar and self.accelerator.is_local_main_process):
             return None
         from tqdm.auto import tqdm
@@ -504,8 +566,18 @@ class Trainer:
 
     def _log_train(self, epoch: int, labels: list[str], means: torch.Tensor, samples: int, start: float) -> dict[str, Any]:
         acc = self.accelerator
-        # The one host sync of a logging interval.
-        values = acc.reduce(means, reduction="mean").tolist()
+        # The one host sync of a logging interval: loss means, the first non-finite step and
+        # its terms, and whether any process was interrupted.
+        flags = torch.cat([means, self._bad_step.reshape(1), self._bad_terms,
+                           torch.tensor([float(self._interrupted)], device=acc.device)])
+        rows = acc.gather(flags.reshape(1, -1)).tolist()
+        n = len(labels) + 1
+        values = [sum(r[i] for r in rows) / len(rows) for i in range(n)]
+        bad_steps = [(r[n], r[n + 1: 2 * n + 1]) for r in rows if r[n] >= 0]
+        if bad_steps:
+            step, terms = min(bad_steps, key=lambda item: item[0])
+            self._stop_for_nonfinite(int(step), epoch, [name for name, hit in zip(["total", *labels], terms) if hit])
+        interrupted = any(r[-1] > 0 for r in rows)
         elapsed = max(time.perf_counter() - start, 1e-9)
         progress, lr = self._used
         record: dict[str, Any] = {"step": self.state["step"], "epoch": epoch + 1, "train/loss": values[0]}
@@ -517,14 +589,19 @@ class Trainer:
                 record[f"train/{label}/{name}"] = schedule(progress)
         record["train/lr"] = lr
         record["train/samples_per_second"] = samples * acc.num_processes / elapsed
-        if not all(math.isfinite(v) for v in values):
-            bad = [lab for lab, v in zip(["total", *labels], values) if not math.isfinite(v)]
-            raise FloatingPointError(
-                f"loss term {bad[-1] if len(bad) > 1 else bad[0]!r} became {values[(['total', *labels]).index(bad[-1])]} "
-                f"at step {self.state['step']} of epoch {epoch + 1}; the last good checkpoint is kept"
-            )
         self._log(record)
+        if interrupted:
+            self._stop_for_interrupt()
         return record
+
+    def _stop_for_nonfinite(self, step: int, epoch: int, terms: list[str]) -> None:
+        named = [t for t in terms if t != "total"] or ["total"]
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+        raise TrainingStopped(
+            f"loss term {', '.join(repr(t) for t in named)} became nan or inf at step {step} (epoch {epoch + 1}); "
+            f"stopped, {kept}. Lower the learning rate, clip with trainer.max_grad_norm, or set "
+            f"trainer.nonfinite: skip to skip such steps")
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
@@ -581,6 +658,7 @@ class Trainer:
         """Train the remaining epochs, evaluate, checkpoint; return the summary."""
         acc, recipe = self.accelerator, self.recipe
         start_epoch = int(self.state["epoch"])
+        skip = int(self.state.get("batch_in_epoch", 0))  # resuming from a mid-epoch (Ctrl-C) checkpoint
         wall_before = float(self.state.get("wall_seconds", 0.0))
         epoch_start = time.perf_counter()
         if self.teacher is not None and self.state.get("teacher_accuracy") is None and start_epoch == 0:
@@ -589,7 +667,8 @@ class Trainer:
             if members:
                 self.state["teacher_member_accuracy"] = [self.evaluate(m) for m in members]
         for epoch in range(start_epoch, recipe.trainer.epochs):
-            self.train_epoch(epoch)
+            self.train_epoch(epoch, skip)
+            skip = 0
             exit_losses = [t.module for t in self.models.losses if callable(getattr(self._unwrapped(t.module), "eval_logits", None))]
             accuracy, exits = self.evaluate_exits(self.student, exit_losses)
             record = {"step": self.state["step"], "epoch": epoch + 1, "student/accuracy": accuracy}
@@ -627,6 +706,7 @@ class Trainer:
             "num_processes": acc.num_processes,
             "train/samples_seen_per_process": per_process,
             "train/steps": int(self.state["step"]),
+            "train/skipped_steps": int(self.state.get("skipped_steps", 0)),
             "mixed_precision": self.recipe.trainer.mixed_precision,
             "device": str(acc.device),
         }
@@ -676,10 +756,35 @@ def run_recipe(
         recipe = recipe.model_copy(update={"output_dir": str(output_dir)})
     check_recipe(recipe)
     trainer = Trainer(recipe, raw, recipe.run_dir(), resume=resume, overwrite=overwrite)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, trainer.request_stop)
     try:
         trainer.setup()
         return trainer.fit()
-    except BaseException:
+    except BaseException as exc:
         trainer.close()
-        raise
+        clear = _actionable(exc, recipe)
+        if clear is exc:
+            raise
+        raise clear from exc
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _actionable(exc: BaseException, recipe: Recipe) -> BaseException:
+    """Out of memory and a full disk become one clear message with what to change."""
+    trainer = recipe.trainer
+    if isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+        return TrainingStopped(
+            f"out of memory (batch_size {trainer.batch_size}, mixed_precision {trainer.mixed_precision}): lower "
+            f"trainer.batch_size, raise trainer.gradient_accumulation_steps to keep the effective batch, or use "
+            f"trainer.mixed_precision: bf16; the last complete checkpoint is kept")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return TrainingStopped(
+            f"no space left on device writing {exc.filename or recipe.run_dir()}: free space or set output_dir on "
+            f"another disk (fewer trainer.keep_checkpoints helps); the last complete checkpoint is kept, "
+            f"continue with --resume")
+    return exc
 

@@ -42,3 +42,12 @@ def valid_list(choices: Iterable[str], *, limit: int = 25) -> str:
     shown = ", ".join(choices[:limit])
     more = f", ... ({len(choices) - limit} more)" if len(choices) > limit else ""
     return f"valid: {shown}{more}" if choices else "none are registered"
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped for a reason the user can act on (non-finite loss, out of memory, disk full,
+    interrupted): reported in one message without a traceback, exit code 1 (130 when interrupted)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

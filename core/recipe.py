@@ -72,6 +72,7 @@ class TrainerSpec(_Strict):
     num_workers: NonNegInt = 0
     drop_last: bool = False
     progress_bar: bool = True
+    nonfinite: Literal["stop", "skip"] = "stop"
 
 
     @field_validator("mixed_precision", mode="before")
