@@ -107,3 +107,30 @@ def save_checkpoint(accelerator: Any, run_dir: Path, tag: str, state: dict[str, 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     """The engine state stored beside a checkpoint."""
     return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose files are not plain tensors and containers, before loading it.
+
+    Accelerate reads optimizer, scheduler, sampler and RNG files with
+    ``torch.load(weights_only=True)`` but skips an RNG file it cannot read without a word;
+    checking every file first turns a tampered or corrupt checkpoint into a clear refusal.
+    """
+    import pickle
+
+    from accelerate.utils.other import load as safe_load
+    from safetensors.torch import load_file
+
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                load_file(str(path))
+            elif path.suffix in (".bin", ".pkl", ".pt"):
+                safe_load(str(path), map_location="cpu")
+        except pickle.UnpicklingError as exc:
+            first = " ".join(str(exc).split())[:160]
+            raise RecipeError(f"refusing to resume from {str(checkpoint)!r}: {path.name} carries pickled Python "
+                              f"objects, not just tensors ({first})", key="--resume") from None
+        except Exception as exc:  # noqa: BLE001 - corrupt or truncated file
+            raise RecipeError(f"cannot resume from {str(checkpoint)!r}: {path.name} is unreadable "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})", key="--resume") from None

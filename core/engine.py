@@ -418,6 +418,7 @@ class Trainer:
                                       "wall_seconds": 0.0, "samples_seen": 0}
         if self.resume:
             latest = ckpt.latest_checkpoint(self.run_dir)
+            ckpt.verify_checkpoint(latest)
             acc.load_state(str(latest))
             self.state = ckpt.read_state(latest)
             if self.follows_student:

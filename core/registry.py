@@ -239,7 +239,10 @@ class Registry:
         if record is None:
             usable = [n for n, r in table.items() if r.status == "ok"]
             hint = did_you_mean(str(name), usable)
-            raise PluginError(f"unknown {kind} {name!r}.{hint} ({valid_list(usable)})", key=key)
+            failed = [r for r in self.records if r.status == "failed"]
+            note = "".join(f"; plugin {r.name!r} from {r.provider} failed to load ({r.error}), it may have provided it"
+                           for r in failed[:3])
+            raise PluginError(f"unknown {kind} {name!r}.{hint} ({valid_list(usable)}){note}", key=key)
         if record.status != "ok":
             raise PluginError(record.error or f"{kind} {name!r} is unavailable", key=key)
         return record

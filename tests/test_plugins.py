@@ -228,3 +228,14 @@ def test_every_hook_has_a_docstring_a_kind_and_documentation() -> None:
     for name in specs:
         assert (getattr(hookspecs, name).__doc__ or "").strip(), name
         assert name in docs, f"{name} is not documented in docs/writing-plugins.md"
+
+
+def test_a_recipe_using_a_plugin_that_failed_to_load_names_it(tmp_path: Path) -> None:
+    root = make_distribution(tmp_path / "site", "kdforge-broken", "kdforge_broken",
+                             "raise ImportError('no such dependency: frobnitz')")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(Path("recipes/digits/student.yaml").read_text().replace("{name: ce, weight: 1.0}", "{name: fancy_loss}"))
+    result = run_cli("validate", str(recipe), env={"PYTHONPATH": str(root)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "unknown loss 'fancy_loss'" in last and "kdforge-broken" in last and "frobnitz" in last

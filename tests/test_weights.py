@@ -90,3 +90,20 @@ def test_torchvision_weights_path_without_download(tmp_path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     clone = kdforge.create("teacher", "torchvision", arch="resnet18", num_classes=10, weights_path=str(path))
     assert torch.equal(clone.fc.weight, model.fc.weight)
+
+
+def test_a_tampered_checkpoint_is_refused_on_resume(tmp_path: Path) -> None:
+    import yaml
+
+    from conftest import base_recipe, run_cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(base_recipe(tmp_path, trainer={"epochs": 1, "progress_bar": False})))
+    assert run_cli("run", str(recipe)).returncode == 0
+    target = tmp_path / MARKER
+    torch.save({"state": {}, "param_groups": [], "x": Payload(str(target))},
+               tmp_path / "run/checkpoints/epoch-0001/optimizer.bin")
+    result = run_cli("run", str(recipe), "--resume", "--set", "trainer.epochs=2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "refusing to resume" in result.stderr and "optimizer.bin" in result.stderr
+    assert not target.exists()
