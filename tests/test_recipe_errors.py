@@ -174,7 +174,7 @@ def test_overrides_reach_nested_keys_and_list_items(tmp_path: Path, capsys: pyte
 
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture) -> None:
     expect_usage_error(capsys, ["frobnicate"], "invalid choice")
-    expect_usage_error(capsys, ["run"], "recipe")
+    expect_usage_error(capsys, ["run"], "RECIPE")
     expect_usage_error(capsys, ["compare", "/nonexistent-run"], "summary.json")
 
 
