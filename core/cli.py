@@ -77,7 +77,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise RecipeError("--output-dir names one run directory; give each recipe its own output_dir instead")
     # Check every recipe before training any, so a typo in the last one costs no compute.
     for recipe in args.recipes:
-        validate(recipe, args.overrides)
+        try:
+            validate(recipe, args.overrides)
+        except RecipeError as exc:
+            if len(args.recipes) == 1:
+                raise
+            raise RecipeError(f"{recipe}: {exc}") from None
     for recipe in args.recipes:
         summary = run_recipe(recipe, args.overrides, output_dir=args.output_dir,
                              resume=args.resume, overwrite=args.overwrite)

@@ -142,7 +142,7 @@ def _shapes(features: dict[str, Any]) -> str:
                      for k, v in features.items()) or "none"
 
 
-def _forward_checked(kind: str, model: nn.Module, inputs: Any, splits: DataSplits) -> torch.Tensor:
+def _forward_checked(kind: str, model: nn.Module, inputs: Any, splits: DataSplits, key: str | None = None) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
@@ -154,7 +154,7 @@ def _forward_checked(kind: str, model: nn.Module, inputs: Any, splits: DataSplit
         raise RecipeError(
             f"{kind} {type(model).__name__} cannot take the dataset's inputs of shape {shape} "
             f"(dataset input_shape {tuple(splits.input_shape)}): {type(exc).__name__}: {detail[:200]}",
-            key=kind,
+            key=key or kind,
         ) from None
     finally:
         model.train(was_training)
@@ -164,7 +164,7 @@ def _forward_checked(kind: str, model: nn.Module, inputs: Any, splits: DataSplit
         raise RecipeError(
             f"{kind} {type(model).__name__} gives logits of shape {got}; the dataset has {expected} "
             f"classes, so (batch, {expected}) was expected",
-            key=kind,
+            key=key or kind,
         )
     return logits
 
@@ -208,7 +208,7 @@ def dry_run(models: Models, taps: list[FeatureTaps], device: torch.device | str 
     teacher_out, teachers = None, []
     if models.teacher is not None:
         for i, member in enumerate(ensemble_members(models.teacher)):
-            _forward_checked(f"teacher.params.teachers[{i}]", member, inputs, models.splits)
+            _forward_checked(f"teacher member {i}", member, inputs, models.splits, key=f"teacher.params.teachers[{i}]")
         _forward_checked("teacher", models.teacher, inputs, models.splits)
         if len(taps) > 1:
             taps[1].take()  # drop what the checks captured

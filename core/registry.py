@@ -313,8 +313,9 @@ def call_factory(record: PluginRecord, params: dict[str, Any], *, key: str | Non
     try:
         return record.factory(**params)
     except RecipeError as exc:
-        if exc.key is None and key is not None:
-            raise type(exc)(exc.detail, key=key) from None
+        # A factory names its own param with a leading dot (".path"): relative to where it is used.
+        if key is not None and (exc.key is None or exc.key.startswith(".")):
+            raise type(exc)(exc.detail, key=key + (exc.key or "")) from None
         raise
     except Exception as exc:  # noqa: BLE001 - a third-party factory may raise anything
         raise PluginError(

@@ -90,7 +90,8 @@ class BeYourOwnTeacher(nn.Module):
             num_classes = out.student.logits.shape[1]
             for tap in self.taps:
                 f = features[tap]
-                head = ExitHead(f.shape[1], width, num_classes, spatial=f.ndim == 4)
+                spatial = f.ndim == 4
+                head = ExitHead(f.shape[1] if spatial else f[0].numel(), width, num_classes, spatial=spatial)
                 self.heads[_head_key(tap)] = head.to(f.device)
         exits = []
         for tap in self.taps:
@@ -134,6 +135,7 @@ class EarlyExitModel(nn.Module):
     def __init__(self, backbone: nn.Module, tap: str, head: ExitHead) -> None:
         super().__init__()
         self.backbone, self.tap, self.head = backbone, tap, head
+        self._traced = False
         self.backbone.get_submodule(tap).register_forward_hook(self._stop)
 
     @staticmethod
@@ -141,10 +143,25 @@ class EarlyExitModel(nn.Module):
         raise _ExitReached(output)  # skip the rest of the backbone
 
     def forward(self, inputs: Any) -> torch.Tensor:
+        ran: set[nn.Module] | None = None
+        handles = []
+        if not self._traced:
+            # First call: note which modules run before the exit; the rest never get a gradient,
+            # so freeze them (DDP would otherwise wait forever for their gradients).
+            ran = set()
+            handles = [m.register_forward_pre_hook(lambda module, _args: ran.add(module)) for m in self.backbone.modules()]
         try:
             self.backbone(inputs)
         except _ExitReached as reached:
             return self.head(reached.feature)[1]
+        finally:
+            for handle in handles:
+                handle.remove()
+            if ran is not None:
+                for module in self.backbone.modules():
+                    if module not in ran:
+                        module.requires_grad_(False)
+                self._traced = True
         raise RuntimeError(f"the backbone never ran {self.tap!r}")
 
 

@@ -26,8 +26,6 @@ class EMATeacher(nn.Module):
     Taps name the student's modules (``features.1``), as on the student.
     """
 
-    follows_student = True
-
     def __init__(self, decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999, warmup: bool = True) -> None:
         super().__init__()
         self.decay, self.warmup = decay, warmup

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from kdforge import ModelOutputs, RecipeError, UNLABELED, hookimpl
@@ -23,11 +23,26 @@ Combine = Literal["mean_probs", "mean_logits", "weighted", "confidence"]
 
 
 class TeacherSpec(BaseModel):
-    """One member: any teacher plugin with its params."""
+    """One member: any teacher plugin with its params (checked against the registry up front)."""
 
     model_config = ConfigDict(extra="forbid")
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_teacher(self) -> "TeacherSpec":
+        from kdforge.params import check_params
+        from kdforge.registry import get_registry
+
+        if self.name in ("ensemble", "ema"):
+            raise ValueError(f"a {self.name!r} teacher cannot be an ensemble member")
+        try:
+            record = get_registry().get("teacher", self.name)
+            check_params(record.factory, self.params, key="params",
+                         provided_context={"num_classes": 2, "in_channels": 1, "input_shape": [1, 1, 1]})
+        except RecipeError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 def member_weights(outputs: list[ModelOutputs], combine: str, weights: torch.Tensor | None,
@@ -92,7 +107,7 @@ class TeacherEnsemble(nn.Module):
 
 
 def ensemble(
-    teachers: Annotated[list[dict[str, Any]], Field(min_length=1)],
+    teachers: Annotated[list[TeacherSpec], Field(min_length=1)],
     combine: Combine = "mean_probs",
     weights: list[Annotated[float, Field(gt=0.0)]] | None = None,
     num_classes: int | None = None,
@@ -117,12 +132,10 @@ def ensemble(
     for i, raw in enumerate(teachers):
         key = f"teacher.params.teachers[{i}]"
         try:
-            spec = TeacherSpec.model_validate(raw)
+            spec = raw if isinstance(raw, TeacherSpec) else TeacherSpec.model_validate(raw)
         except ValidationError as exc:
             err = exc.errors()[0]
-            raise RecipeError(f"{err['msg']} (a teacher is {{name, params}})", key=f"{key}.{'.'.join(map(str, err['loc']))}") from None
-        if spec.name == "ensemble":
-            raise RecipeError("an ensemble cannot hold another ensemble", key=f"{key}.name")
+            raise RecipeError(f"{err['msg']} (a teacher is {{name, params}})", key=key) from None
         record = get_registry().get("teacher", spec.name, key=f"{key}.name")
         params = check_params(record.factory, spec.params, key=f"{key}.params", provided_context=context)
         member = call_factory(record, params, key=f"{key}.params")

@@ -23,11 +23,11 @@ def checkpoint_teacher(path: str) -> nn.Module:
     recipe_file, weights_file = run_dir / "recipe.yaml", run_dir / "student.safetensors"
     if not run_dir.is_dir():
         raise RecipeError(f"no run directory at {path!r}; train the teacher first (kdforge run ...)",
-                          key="teacher.params.path")
+                          key=".path")
     if not recipe_file.is_file() or not weights_file.is_file():
         missing = "recipe.yaml" if not recipe_file.is_file() else "student.safetensors"
         raise RecipeError(f"{path!r} is not a finished kdforge run (no {missing}); did its training complete?",
-                          key="teacher.params.path")
+                          key=".path")
     spec = load_yaml_file(recipe_file).get("student") or {}
     record = get_registry().get("student", spec.get("name"), key=f"student of {path}")
     params = dict(spec.get("params") or {})

@@ -157,3 +157,20 @@ def test_a_bad_later_generation_costs_no_compute(tmp_path: Path) -> None:
     result = run_cli("run", str(good), str(bad))
     assert result.returncode == 2 and "losses[0].name" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_an_early_exit_student_trains_in_two_processes(tmp_path: Path) -> None:
+    from test_distributed import launch
+
+    recipe = base_recipe(tmp_path, student={"name": "small_cnn", "params": {"channels": [8, 16]}}, losses=[BYOT],
+                         trainer={"epochs": 1, "batch_size": 128, "progress_bar": False})
+    kdforge.run(recipe)
+    follow = base_recipe(tmp_path, student={"name": "early_exit", "params": {"path": str(tmp_path / "run"), "exit": "features.0"}},
+                         data={"name": "synthetic", "params": {"shape": [1, 8, 8], "train_size": 128, "eval_size": 32}},
+                         trainer={"epochs": 1, "batch_size": 32, "progress_bar": False}, output_dir=str(tmp_path / "exit-run"))
+    path = tmp_path / "exit.yaml"
+    path.write_text(yaml.safe_dump(follow))
+    result = launch(path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "exit-run/summary.json").read_text())["num_processes"] == 2
