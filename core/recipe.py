@@ -148,8 +148,41 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+MAX_RECIPE_NODES = 100_000
+
+
+def _expanded_size(value: Any, memo: dict[int, int], stack: set[int]) -> int:
+    """Nodes in ``value`` once YAML aliases are expanded (shared objects counted each time)."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    key = id(value)
+    if key in stack:
+        raise RecipeError("recipe contains a YAML alias that refers to itself")
+    if key not in memo:
+        stack.add(key)
+        children = list(value.items()) if isinstance(value, dict) else [(None, v) for v in value]
+        total = 1
+        for child_key, child in children:
+            total += _expanded_size(child, memo, stack) + (child_key is not None)
+            if total > MAX_RECIPE_NODES:
+                break
+        stack.discard(key)
+        memo[key] = total
+    return memo[key]
+
+
 def parse_yaml(text: str, source: str = "recipe") -> Any:
-    """Parse YAML safely; errors become one-line ``RecipeError``s with the line number."""
+    """Parse YAML safely; errors become one-line ``RecipeError``s with the line number.
+
+    Aliases that expand to a huge document ("billion laughs") or refer to themselves are refused.
+    """
+    data = _parse(text, source)
+    if _expanded_size(data, {}, set()) > MAX_RECIPE_NODES:
+        raise RecipeError(f"{source} expands to more than {MAX_RECIPE_NODES:,} values (YAML aliases?)")
+    return data
+
+
+def _parse(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:

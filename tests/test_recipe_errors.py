@@ -133,6 +133,9 @@ RAW_YAML = {
     "duplicated key": ("name: a\nname: b\n", ["duplicated key 'name'"]),
     "python tag": ("name: !!python/object/apply:os.system ['echo pwned']\n", ["not valid YAML"]),
     "binary junk": ("\x00\x01\x02", ["recipe"]),
+    "billion laughs": ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)), ["expands to more than"]),
+    "self-referential alias": ("data: &d\n  name: digits\n  params: *d\n", ["recursive"]),
 }
 
 
