@@ -9,8 +9,6 @@ Nothing is ever downloaded unless a factory's ``download`` param is true.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Sequence
 

@@ -9,7 +9,6 @@ feature appears under the member's own name (``layer3``).
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
 import torch
