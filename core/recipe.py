@@ -92,6 +92,7 @@ class WandbSpec(_Strict):
     tags: list[str] = Field(default_factory=list)
     notes: str | None = None
     mode: Literal["offline", "online", "disabled"] | None = None
+    dir: str | None = None
 
 
 class TrackingSpec(_Strict):

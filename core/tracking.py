@@ -55,7 +55,8 @@ def wandb_init_kwargs(spec: WandbSpec, run_name: str, run_dir: Path) -> dict[str
         "name": spec.name or run_name,
         "tags": list(spec.tags),
         "mode": wandb_mode(spec),
-        "dir": str(run_dir),
+        # the recipe's dir, else the user's WANDB_DIR, else inside the run directory
+        "dir": spec.dir or os.environ.get("WANDB_DIR") or str(run_dir),
     }
     for key in ("entity", "group", "notes"):
         value = getattr(spec, key)

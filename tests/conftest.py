@@ -25,6 +25,7 @@ def _quiet_offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest
     for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(wandb_home / var.lower()))
     monkeypatch.delenv("KDFORGE_LOAD_PLUGINS", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
 
 
 def base_recipe(tmp_path: Path, **changes: Any) -> dict[str, Any]:

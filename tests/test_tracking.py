@@ -74,3 +74,12 @@ def test_offline_is_the_default_even_without_wandb_mode(tmp_path: Path, monkeypa
     monkeypatch.setenv("WANDB_MODE", "online")
     assert wandb_mode(WandbSpec()) == "online"
     assert wandb_mode(WandbSpec(mode="offline")) == "offline"
+
+
+def test_wandb_dir_follows_the_users_wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "wandb-elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("WANDB_DIR", str(elsewhere))
+    kdforge.run(base_recipe(tmp_path, tracking={"wandb": {"project": "p"}}, trainer={"epochs": 1, "progress_bar": False}))
+    assert len(find_run_files(elsewhere)) == 1
+    assert find_run_files(tmp_path / "run") == []
