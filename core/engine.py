@@ -738,9 +738,14 @@ class Trainer:
         if getattr(self, "accelerator", None) is not None:
             # Not end_training(): that also destroys the process group, which a later run in
             # the same process (a chain of recipes under one launch) still needs.
+            used_wandb = any(t.name == "wandb" for t in self.accelerator.trackers)
             for tracker in self.accelerator.trackers:
                 tracker.finish()
             self.accelerator.trackers.clear()
+            if used_wandb:
+                import wandb
+
+                wandb.teardown()  # waits for wandb's service to flush the run file, then stops it
 
 
 def run_recipe(
