@@ -21,7 +21,7 @@ from .registry import call_factory, get_registry
 
 #: values the engine fills into model factories that accept them (and the recipe left out)
 CONTEXT_NAMES = ("num_classes", "in_channels", "input_shape")
-_PROBES = (0.0, 0.25, 0.5, 0.75, 1.0)
+_PROBES = tuple(i / 200 for i in range(201))  # every 0.5% of the run: catches short stages
 _PLACEHOLDER_CONTEXT = {"num_classes": 2, "in_channels": 1, "input_shape": [1, 1, 1]}
 
 Schedule = Callable[[float], float]
@@ -99,6 +99,9 @@ def check_recipe(recipe: Recipe) -> None:
         check_plugin_ref("teacher", recipe.teacher, "teacher", _PLACEHOLDER_CONTEXT)
     for i, loss in enumerate(recipe.losses):
         check_plugin_ref("loss", loss, f"losses[{i}]")
+        factory = get_registry().get("loss", loss.name).factory
+        if getattr(factory, "teacher_required", False) and recipe.teacher is None:
+            raise RecipeError(f"loss {loss.name!r} needs a teacher, and the recipe has no `teacher`", key=f"losses[{i}]")
         if isinstance(loss.weight, ScheduledValue):
             weight = build_schedule(loss.weight, f"losses[{i}].weight")
             negative = [p for p in _PROBES if weight(p) < 0]
@@ -271,6 +274,10 @@ def build_optimizer(
     kwargs.pop("params", None)
     lr_schedule = schedules.get("lr")
     if lr_schedule is not None:
+        negative = [p for p in _PROBES if lr_schedule(p) < 0]
+        if negative:
+            raise RecipeError(f"the learning rate's schedule goes below 0 (at progress {negative[0]})",
+                              key="optimizer.params.lr")
         kwargs["lr"] = 1.0
     weight_decay = kwargs.pop("weight_decay", _default_weight_decay(cls))
     groups = parameter_groups(modules, weight_decay, spec.decay_norm_and_bias)

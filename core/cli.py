@@ -150,7 +150,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     def pct(v: Any) -> str:
-        return "-" if v is None else f"{100 * float(v):.2f}%"
+        return f"{100 * v:.2f}%" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
     rows = []
     for run_dir, s in summaries:
@@ -158,7 +158,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         params = s.get("student/params")
         rows.append([
             s.get("name", Path(run_dir).name), pct(s.get("student/accuracy")), pct(s.get("teacher/accuracy")),
-            f"{params:,}" if isinstance(params, int) else "-",
+            f"{params:,}" if isinstance(params, int) and not isinstance(params, bool) else "-",
             f"{size / 1024:.1f} KiB" if isinstance(size, (int, float)) else "-",
             s.get("epochs", "-"), f"{s['wall_seconds']:.1f}" if isinstance(s.get("wall_seconds"), (int, float)) else "-",
             s.get("num_processes", "-"),

@@ -405,6 +405,10 @@ class Trainer:
         if self.eval_loader is not None:
             self.eval_loader = acc.prepare(self.eval_loader)
         accum = trainer.gradient_accumulation_steps
+        if len(self.train_loader) == 0:
+            raise RecipeError(f"no training batch: the train split has {len(models.splits.train)} samples per "
+                              f"{acc.num_processes} process(es), fewer than batch_size {trainer.batch_size} with "
+                              f"drop_last", key="trainer.batch_size")
         self.steps_per_epoch = max(math.ceil(len(self.train_loader) / accum), 1)
         self.total_steps = self.steps_per_epoch * trainer.epochs
         modules = [acc.unwrap_model(self.student)] + [acc.unwrap_model(t.module) for t in self.trainable_losses]

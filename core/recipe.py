@@ -115,6 +115,13 @@ class Recipe(_Strict):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output_dir: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_directory_alias(cls, value: str) -> str:
+        if value.strip(".") == "":
+            raise ValueError("a run name cannot be '.' or '..' (it names runs/<name>)")
+        return value
+
     def run_dir(self) -> Path:
         """Where this recipe's run directory is (``runs/<name>`` unless ``output_dir`` says)."""
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
@@ -129,6 +136,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)  # YAML merge keys (<<: *defaults)
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
@@ -202,8 +210,8 @@ def load_yaml_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe file {str(path)!r} does not exist") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError, OSError) as exc:
-        raise RecipeError(f"cannot read recipe file {str(path)!r}: {type(exc).__name__}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError, OSError, ValueError) as exc:
+        raise RecipeError(f"cannot read recipe file {str(path)!r}: {type(exc).__name__}: {exc}") from None
     data = parse_yaml(text, f"recipe file {str(path)!r}")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of keys, not {type(data).__name__}")

@@ -110,8 +110,11 @@ def _entry_points() -> Iterator[tuple[metadata.EntryPoint, str, str | None]]:
     seen: set[tuple[str, str]] = set()
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
-        dist_name = dist.metadata["Name"] if dist is not None else ep.module
-        version = dist.version if dist is not None else None
+        try:  # a malformed dist-info (no Name, unreadable METADATA) must not stop discovery
+            dist_name = (dist.metadata.get("Name") if dist is not None else None) or ep.module or ep.name
+            version = dist.version if dist is not None else None
+        except Exception:  # noqa: BLE001
+            dist_name, version = ep.module or ep.name, None
         marker = (_normalize(dist_name or ""), ep.name)
         if marker in seen:  # the same distribution found twice on sys.path
             continue
@@ -297,7 +300,7 @@ def list_plugins() -> list[PluginRecord]:
     return list(get_registry().records)
 
 
-def create(kind: str, name: str, /, **params: Any) -> Any:
+def create(kind: str, name: str, **params: Any) -> Any:
     """Build the registered plugin object ``name`` of ``kind`` from ``params``.
 
     Params are checked against the factory's signature first (``RecipeError`` on

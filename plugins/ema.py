@@ -20,13 +20,13 @@ from kdforge import hookimpl
 class EMATeacher(nn.Module):
     """A frozen copy of the student that follows it by exponential moving average.
 
-    ``decay`` d in [0, 1); with ``warmup`` the decay used at update n is
-    min(d, (1 + n) / (10 + n)), so the average is not dominated by the random
-    initialization early on. Buffers (e.g. BatchNorm statistics) are copied from the student.
+    ``decay`` d in [0, 1). With ``warmup`` the decay used at update n (counting from 0) is
+    min(d, 1 - 1 / (n + 1)) as in Tarvainen & Valpola 2017, so the average is not dominated by
+    the random initialization early on; without it every update uses d. Buffers (e.g. BatchNorm statistics) are copied from the student.
     Taps name the student's modules (``features.1``), as on the student.
     """
 
-    def __init__(self, decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999, warmup: bool = True) -> None:
+    def __init__(self, decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999, warmup: bool = False) -> None:
         super().__init__()
         self.decay, self.warmup = decay, warmup
         self.model: nn.Module | None = None
@@ -54,7 +54,7 @@ class EMATeacher(nn.Module):
     def update(self, student: nn.Module) -> None:
         """Move the average towards the student's current weights (no host sync)."""
         n = self.num_updates.to(torch.float32)
-        decay = torch.clamp((1.0 + n) / (10.0 + n), max=self.decay) if self.warmup else torch.tensor(self.decay)
+        decay = torch.clamp(1.0 - 1.0 / (n + 1.0), max=self.decay) if self.warmup else torch.tensor(self.decay)
         decay = decay.to(next(self.model.parameters()).device)
         for mine, theirs in zip(self.model.parameters(), student.parameters()):
             mine.lerp_(theirs.detach().to(mine.dtype), 1.0 - decay)

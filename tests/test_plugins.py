@@ -239,3 +239,15 @@ def test_a_recipe_using_a_plugin_that_failed_to_load_names_it(tmp_path: Path) ->
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "unknown loss 'fancy_loss'" in last and "kdforge-broken" in last and "frobnitz" in last
+
+
+def test_a_dist_info_without_a_name_does_not_stop_the_engine(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    info = site / "nameless-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\n")
+    (info / "entry_points.txt").write_text("[kdforge]\nbrk = nonexistent_module_xyz\n")
+    records, stderr = plugins_json({"PYTHONPATH": str(site)})
+    failed = [r for r in records if r["status"] == "failed"]
+    assert len(failed) == 1 and "nonexistent_module_xyz" in failed[0]["error"]
+    assert BUILTINS <= {(r["kind"], r["name"]) for r in records if r["status"] == "ok"}

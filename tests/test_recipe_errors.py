@@ -214,3 +214,35 @@ def test_validate_accepts_the_shipped_recipes(capsys: pytest.CaptureFixture) -> 
     assert len(recipes) >= 5
     for recipe in recipes:
         assert main(["validate", str(recipe)]) == 0, (recipe, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        ({"name": ".."}, ["name", "'.' or '..'"]),
+        ({"optimizer": {"name": "sgd", "params": {"lr": {"schedule": "cosine", "params": {"start": -0.1}}}}},
+         ["optimizer.params.lr", "below 0"]),
+        ({"losses": [{"name": "ce", "weight": {"schedule": "progressive",
+                                                "params": {"values": [1, -1, 1], "boundaries": [0.1, 0.2]}}}]},
+         ["losses[0].weight", "below 0"]),
+        ({"trainer": {"epochs": 1, "batch_size": 5000, "drop_last": True}}, ["trainer.batch_size", "no training batch"]),
+    ],
+)
+def test_values_that_only_fail_later_are_caught_first(change: dict, fragments: list[str], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    expect_usage_error(capsys, ["run", str(write(tmp_path, with_(tmp_path, **change)))], *fragments)
+
+
+def test_yaml_merge_keys_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    text = yaml.safe_dump(with_(tmp_path)).replace("trainer:\n", "defaults: &d {epochs: 3}\ntrainer:\n  <<: *d\n")
+    text = text.replace("  epochs: 2\n", "")
+    expect_usage_error(capsys, ["validate", str(write(tmp_path, text))], "defaults", "unknown key")
+    text = text.replace("defaults: &d {epochs: 3}\n", "").replace("  <<: *d\n", "  <<: {epochs: 3}\n")
+    assert main(["validate", str(write(tmp_path, text))]) == 0, capsys.readouterr().err
+    assert "3 epoch(s)" in capsys.readouterr().out
+
+
+def test_create_takes_kind_and_name_as_keywords() -> None:
+    import kdforge
+
+    assert kdforge.create(kind="loss", name="kd", temperature=2.0).temperature == 2.0

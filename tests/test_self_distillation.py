@@ -44,10 +44,24 @@ def test_ema_warmup_uses_a_smaller_decay_first() -> None:
     teacher.bind(student)
     with torch.no_grad():
         student.weight.fill_(1.0)
-    teacher.update(student)  # n = 0: decay min(0.999, 1/10) = 0.1
-    assert teacher.model.weight.item() == pytest.approx(0.9)
-    teacher.update(student)  # n = 1: decay 2/11
-    assert teacher.model.weight.item() == pytest.approx(0.9 * (2 / 11) + (1 - 2 / 11))
+    teacher.update(student)  # n = 0: decay min(0.999, 1 - 1/1) = 0: the teacher takes the student
+    assert teacher.model.weight.item() == pytest.approx(1.0)
+    with torch.no_grad():
+        student.weight.fill_(3.0)
+    teacher.update(student)  # n = 1: decay 1/2, the running mean of the two
+    assert teacher.model.weight.item() == pytest.approx(2.0)
+
+
+def test_ema_default_is_a_plain_moving_average() -> None:
+    student = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        student.weight.fill_(0.0)
+    teacher = kdforge.create("teacher", "ema", decay=0.99)
+    teacher.bind(student)
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+    teacher.update(student)
+    assert teacher.model.weight.item() == pytest.approx(0.01)
 
 
 def ema_recipe(tmp_path: Path, epochs: int) -> dict:
