@@ -459,6 +459,9 @@ class Trainer:
         # first non-finite step and which terms (kept on the device: checked at log intervals)
         self._bad_step = torch.full((), -1.0, device=acc.device)
         self._bad_terms = torch.zeros(len(labels) + 1, device=acc.device)
+        # the number of the step being computed, kept on the device (a per-step host-to-device
+        # copy would synchronize a CUDA stream)
+        next_step = torch.full((), float(self.state["step"] + 1), device=acc.device)
         window_batches, window_samples, window_start = 0, 0, time.perf_counter()
         bar = self._progress_bar(epoch, skip_batches)
         batches: Any = iter(loader)
@@ -511,7 +514,7 @@ class Trainer:
             sums += step_values
             bad = ~torch.isfinite(step_values)
             first = bad.any() & (self._bad_step < 0)
-            self._bad_step = torch.where(first, torch.tensor(float(self.state["step"] + 1), device=acc.device), self._bad_step)
+            self._bad_step = torch.where(first, next_step, self._bad_step)
             self._bad_terms = torch.where(first, bad.float(), self._bad_terms)
             self.state["batch_in_epoch"] += 1
             window_batches += 1
@@ -520,6 +523,7 @@ class Trainer:
             self.state["samples_seen"] += n
             if acc.sync_gradients:
                 self.state["step"] += 1
+                next_step += 1
                 if bar is not None:
                     bar.update(1)
                 at_log = self.state["step"] % trainer.log_every == 0 or self.state["step"] % self.steps_per_epoch == 0

@@ -53,11 +53,13 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
         """Move the average towards the student's current weights (no host sync)."""
-        n = self.num_updates.to(torch.float32)
-        decay = torch.clamp(1.0 - 1.0 / (n + 1.0), max=self.decay) if self.warmup else torch.tensor(self.decay)
-        decay = decay.to(next(self.model.parameters()).device)
+        if self.warmup:  # computed on the device from the update counter: no host sync
+            n = self.num_updates.to(torch.float32)
+            weight: torch.Tensor | float = 1.0 - torch.clamp(1.0 - 1.0 / (n + 1.0), max=self.decay)
+        else:
+            weight = 1.0 - self.decay
         for mine, theirs in zip(self.model.parameters(), student.parameters()):
-            mine.lerp_(theirs.detach().to(mine.dtype), 1.0 - decay)
+            mine.lerp_(theirs.detach().to(mine.dtype), weight)
         for mine, theirs in zip(self.model.buffers(), student.buffers()):
             mine.copy_(theirs)
         self.num_updates += 1
