@@ -75,14 +75,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if len(args.recipes) > 1 and args.output_dir:
         raise RecipeError("--output-dir names one run directory; give each recipe its own output_dir instead")
-    # Check every recipe before training any, so a typo in the last one costs no compute.
-    for recipe in args.recipes:
-        try:
-            validate(recipe, args.overrides)
-        except RecipeError as exc:
-            if len(args.recipes) == 1:
-                raise
-            raise RecipeError(f"{recipe}: {exc}") from None
+    # With several recipes, check every one before training any, so a typo in the last one
+    # costs no compute (run_recipe checks a single recipe itself).
+    if len(args.recipes) > 1:
+        for recipe in args.recipes:
+            try:
+                validate(recipe, args.overrides)
+            except RecipeError as exc:
+                raise RecipeError(f"{recipe}: {exc}") from None
     for recipe in args.recipes:
         summary = run_recipe(recipe, args.overrides, output_dir=args.output_dir,
                              resume=args.resume, overwrite=args.overwrite)

@@ -95,7 +95,7 @@ class Models:
     resolved: dict[str, Any]
 
 
-def build_all(recipe: Recipe, raw: dict[str, Any]) -> Models:
+def build_all(recipe: Recipe) -> Models:
     """Build data, models and losses from a checked recipe (no training yet)."""
     splits = build_data(recipe)
     context = data_context(splits)
@@ -256,10 +256,10 @@ def _to_device(value: Any, device: torch.device | str) -> Any:
 
 def validate(recipe_source: Any, overrides: Any = None, *, dry: bool = False) -> Recipe:
     """Check a recipe without training: static checks, and with ``dry`` one batch through the models."""
-    recipe, raw = load_recipe(recipe_source, overrides)
+    recipe = load_recipe(recipe_source, overrides)
     check_recipe(recipe)
     if dry:
-        models = build_all(recipe, raw)
+        models = build_all(recipe)
         taps = _check_taps(models)
         try:
             dry_run(models, taps)
@@ -335,7 +335,7 @@ def _make_accelerator(recipe: Recipe, run_dir: Path):
 class Trainer:
     """One run of one recipe: owns the Accelerator, the prepared objects and the loop state."""
 
-    def __init__(self, recipe: Recipe, raw: dict[str, Any], run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    def __init__(self, recipe: Recipe, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         from accelerate.utils import set_seed
 
         self.recipe, self.run_dir, self.resume = recipe, run_dir, resume
@@ -344,7 +344,7 @@ class Trainer:
         self.accelerator = _make_accelerator(recipe, run_dir)
         set_seed(recipe.seed, deterministic=False)
         torch.use_deterministic_algorithms(not torch.cuda.is_available(), warn_only=True)
-        self.models = build_all(recipe, raw)
+        self.models = build_all(recipe)
         self.taps = _check_taps(self.models)
         device = self.accelerator.device
         self.models.student.to(device)
@@ -765,11 +765,11 @@ def run_recipe(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Validate a recipe, train it, and return its summary (``kdforge.run``)."""
-    recipe, raw = load_recipe(recipe_source, overrides)
+    recipe = load_recipe(recipe_source, overrides)
     if output_dir is not None:
         recipe = recipe.model_copy(update={"output_dir": str(output_dir)})
     check_recipe(recipe)
-    trainer = Trainer(recipe, raw, recipe.run_dir(), resume=resume, overwrite=overwrite)
+    trainer = Trainer(recipe, recipe.run_dir(), resume=resume, overwrite=overwrite)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, trainer.request_stop)

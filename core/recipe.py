@@ -338,8 +338,8 @@ def _is_union_tag(part: Any) -> bool:
     return "-" in part or part in _SCALAR_TAGS or part in {m.__name__ for m in _MODELS}
 
 
-def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any], overrides: Any = None) -> tuple[Recipe, dict[str, Any]]:
-    """Load, override and validate a recipe; return the model and the merged raw mapping."""
+def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any], overrides: Any = None) -> Recipe:
+    """Load, override and validate a recipe."""
     if isinstance(source, Mapping):
         import copy
 
@@ -350,4 +350,4 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any], overrides: A
         raise RecipeError(f"a recipe is a YAML file path or a mapping, not {type(source).__name__}")
     for key, value in normalize_overrides(overrides):
         set_by_path(data, key, value)
-    return validate_recipe(data), data
+    return validate_recipe(data)
