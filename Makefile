@@ -20,7 +20,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet ./tests/fixtures/kdforge-logit-l1
+	$(BIN)/pip install --quiet ./tests/fixtures/kdforge-logit-l1 ./tests/fixtures/kdforge-regression
 	touch $@
 
 install: $(VENV)/.installed

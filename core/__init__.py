@@ -1,31 +1,94 @@
-"""kdforge: a plugin-based knowledge-distillation engine for PyTorch."""
+"""kdforge: a plugin-based knowledge-distillation engine for PyTorch.
+
+Everything a plugin needs is a top-level name here (``__all__``); the modules behind
+them are private and may move.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .errors import PluginError, RecipeError
+from .compose import (
+    BuildContext,
+    build_plugin,
+    build_teacher,
+    check_plugin,
+    load_student,
+    load_teacher,
+)
+from .data import PartiallyLabeled, TensorPairs, balanced_subset, stratified_split, with_labeled
+from .errors import PluginError, RecipeError, did_you_mean
+from .extensions import (
+    BindsStudent,
+    Callback,
+    CompositeTeacher,
+    ExportsFiles,
+    ExtraOutputs,
+    FollowsStudent,
+    NeedsTeacher,
+    RenamesTaps,
+    RunContext,
+    TapsFeatures,
+    Task,
+    TeacherWrapper,
+    all_gather,
+    full_precision,
+)
 from .hookspecs import hookimpl, hookspec
-from .outputs import UNLABELED, DataSplits, ModelOutputs, StepOutputs
+from .outputs import UNLABELED, Batch, DataSplits, ModelOutputs, StepOutputs
 from .registry import create, list_plugins, register_plugin, unregister_plugin
+from .tasks import TaskBase
+from .weights import load_state_dict, load_weights, save_weights
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "Batch",
+    "BindsStudent",
+    "BuildContext",
+    "Callback",
+    "CompositeTeacher",
     "DataSplits",
+    "ExportsFiles",
+    "ExtraOutputs",
+    "FollowsStudent",
     "ModelOutputs",
+    "NeedsTeacher",
+    "PartiallyLabeled",
     "PluginError",
     "RecipeError",
+    "RenamesTaps",
+    "RunContext",
     "StepOutputs",
+    "TapsFeatures",
+    "Task",
+    "TaskBase",
+    "TeacherWrapper",
+    "TensorPairs",
     "UNLABELED",
     "__version__",
+    "all_gather",
+    "balanced_subset",
+    "build_plugin",
+    "build_teacher",
+    "check_plugin",
     "create",
+    "did_you_mean",
+    "full_precision",
     "hookimpl",
     "hookspec",
     "list_plugins",
+    "load_state_dict",
+    "load_student",
+    "load_teacher",
+    "load_weights",
     "register_plugin",
     "run",
+    "save_weights",
+    "stratified_split",
     "unregister_plugin",
+    "validate",
+    "with_labeled",
 ]
 
 
@@ -35,6 +98,16 @@ def run(recipe: Any, overrides: Any = None, **options: Any) -> dict:
     ``overrides`` is a list of ``"key.path=value"`` strings or a mapping of key paths
     to values. Keyword options: ``output_dir``, ``resume``, ``overwrite``.
     """
-    from .engine import run_recipe
+    from .runner import run_recipe
 
     return run_recipe(recipe, overrides, **options)
+
+
+def validate(recipe: Any, overrides: Any = None, *, dry_run: bool = False) -> Any:
+    """Check a recipe without training (``kdforge validate``); with ``dry_run``, push one batch through.
+
+    Returns the validated recipe; raises ``RecipeError`` naming the key of the first problem.
+    """
+    from .runner import validate_recipe_source
+
+    return validate_recipe_source(recipe, overrides, dry=dry_run)

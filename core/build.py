@@ -1,152 +1,44 @@
-"""Turning a validated recipe into objects: data, models, losses, schedules, optimizer.
+"""Building a run: recipe in, built objects out (``BuiltRun``), with no side effects.
 
 Every failure here is a ``RecipeError`` naming the recipe key, raised before training.
+``check_recipe`` does the checks that need no data; ``build_run`` builds the task, data,
+models and losses under a private RNG seeded from the recipe.
 """
 
 from __future__ import annotations
 
-import math
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Iterator
 
+import numpy as np
 import torch
-from pydantic import ValidationError
+import yaml
 from torch import nn
 
-from .errors import RecipeError, did_you_mean, valid_list
+from .compose import BuildContext, build_plugin_with_params, check_plugin
+from .errors import RecipeError
+from .extensions import Task, check_extension_points
+from .optim import build_optimizer
 from .outputs import DataSplits
-from .params import check_params, describe_error, loc_to_key
-from .recipe import LossRef, OptimizerSpec, PluginRef, Recipe, ScheduledValue
+from .params import check_params
+from .recipe import LossRef, PluginRef, Recipe, ScheduledValue
 from .registry import call_factory, get_registry
+from .schedules import (
+    PROBES,
+    Schedule,
+    ScheduledParam,
+    build_schedule,
+    check_nonnegative,
+    refuse_schedules,
+    split_scheduled,
+)
 
-#: values the engine fills into model factories that accept them (and the recipe left out)
-CONTEXT_NAMES = ("num_classes", "in_channels", "input_shape")
-_PROBES = tuple(i / 200 for i in range(201))  # every 0.5% of the run: catches short stages
-_PLACEHOLDER_CONTEXT = {"num_classes": 2, "in_channels": 1, "input_shape": [1, 1, 1]}
-
-Schedule = Callable[[float], float]
-
-
-def is_scheduled(value: Any) -> bool:
-    """Whether a raw recipe value is a ``{schedule: ..., params: ...}`` mapping."""
-    return isinstance(value, ScheduledValue) or (isinstance(value, dict) and "schedule" in value)
-
-
-def build_schedule(value: Any, key: str) -> Schedule:
-    """Build the schedule plugin a ``{schedule, params}`` value names; check it returns numbers."""
-    if not isinstance(value, ScheduledValue):
-        try:
-            value = ScheduledValue.model_validate(value)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise RecipeError(describe_error(err, ["schedule", "params"]), key=loc_to_key(key, tuple(err["loc"]))) from None
-    record = get_registry().get("schedule", value.schedule, key=f"{key}.schedule")
-    params = check_params(record.factory, value.params, key=f"{key}.params")
-    schedule = call_factory(record, params, key=f"{key}.params")
-    if not callable(schedule):
-        raise RecipeError(f"schedule {value.schedule!r} did not build a callable", key=key)
-    for probe in _PROBES:
-        try:
-            number = float(schedule(probe))
-        except Exception as exc:  # noqa: BLE001 - third-party schedules may raise anything
-            raise RecipeError(f"schedule {value.schedule!r} failed at progress {probe}: {exc}", key=key) from None
-        if not math.isfinite(number):
-            raise RecipeError(f"schedule {value.schedule!r} gives {number} at progress {probe}", key=key)
-    return schedule
+DEFAULT_TASK = "classification"
+_TASK_METHODS = ("to_batch", "forward", "check_outputs", "batch_weight", "has_labels", "eval_batch", "eval_result")
 
 
-def split_scheduled(params: dict[str, Any], key: str) -> tuple[dict[str, Any], dict[str, Schedule]]:
-    """Replace scheduled values by their value at progress 0; return them separately."""
-    plain, schedules = {}, {}
-    for name, value in params.items():
-        if is_scheduled(value):
-            schedules[name] = build_schedule(value, f"{key}.{name}")
-            plain[name] = schedules[name](0.0)
-        else:
-            plain[name] = value
-    return plain, schedules
-
-
-# -- static checks ------------------------------------------------------------------------
-def refuse_schedules(params: dict[str, Any], key: str) -> None:
-    """Schedules drive loss params, loss weights and the lr; anywhere else they are an error."""
-    for name, value in params.items():
-        if is_scheduled(value):
-            raise RecipeError("only loss params, loss weights and optimizer.params.lr can follow a schedule",
-                              key=f"{key}.{name}")
-
-
-def check_plugin_ref(kind: str, ref: PluginRef, key: str, context: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check a ``{name, params}`` reference: the plugin exists and takes these params."""
-    record = get_registry().get(kind, ref.name, key=f"{key}.name")
-    if kind != "loss":
-        refuse_schedules(dict(ref.params), f"{key}.params")
-        return check_params(record.factory, ref.params, key=f"{key}.params", provided_context=context)
-    plain, schedules = split_scheduled(dict(ref.params), f"{key}.params")
-    checked = check_params(record.factory, plain, key=f"{key}.params", provided_context=context)
-    # a scheduled param must stay valid over the whole run, not just at its start
-    for name, schedule in schedules.items():
-        for probe in _PROBES:
-            check_params(record.factory, {**plain, name: schedule(probe)}, key=f"{key}.params")
-    return checked
-
-
-def check_recipe(recipe: Recipe) -> None:
-    """Every check that needs no data and no compute: names, params, schedules, optimizer."""
-    check_plugin_ref("dataset", recipe.data, "data")
-    check_plugin_ref("student", recipe.student, "student", _PLACEHOLDER_CONTEXT)
-    if recipe.teacher is not None:
-        check_plugin_ref("teacher", recipe.teacher, "teacher", _PLACEHOLDER_CONTEXT)
-    for i, loss in enumerate(recipe.losses):
-        check_plugin_ref("loss", loss, f"losses[{i}]")
-        factory = get_registry().get("loss", loss.name).factory
-        if getattr(factory, "teacher_required", False) and recipe.teacher is None:
-            raise RecipeError(f"loss {loss.name!r} needs a teacher, and the recipe has no `teacher`", key=f"losses[{i}]")
-        if isinstance(loss.weight, ScheduledValue):
-            weight = build_schedule(loss.weight, f"losses[{i}].weight")
-            negative = [p for p in _PROBES if weight(p) < 0]
-            if negative:
-                raise RecipeError(f"the weight's schedule goes below 0 (at progress {negative[0]})",
-                                  key=f"losses[{i}].weight")
-    build_optimizer(recipe.optimizer, [nn.Linear(2, 2, bias=False)], total_steps=1)
-
-
-# -- data and models ----------------------------------------------------------------------
-def build_data(recipe: Recipe) -> DataSplits:
-    """Build the dataset plugin and check what it returned."""
-    record = get_registry().get("dataset", recipe.data.name, key="data.name")
-    params = check_params(record.factory, recipe.data.params, key="data.params")
-    splits = call_factory(record, params, key="data.params")
-    if not isinstance(splits, DataSplits):
-        raise RecipeError(f"dataset {recipe.data.name!r} returned {type(splits).__name__}, not kdforge.DataSplits", key="data")
-    if splits.num_classes < 1:
-        raise RecipeError(f"dataset {recipe.data.name!r} reports {splits.num_classes} classes", key="data")
-    try:
-        size = len(splits.train)  # type: ignore[arg-type]
-    except TypeError:
-        size = None
-    if size == 0:
-        raise RecipeError(f"dataset {recipe.data.name!r} has an empty train split", key="data")
-    return splits
-
-
-def data_context(splits: DataSplits) -> dict[str, Any]:
-    """What model factories may be given from the data."""
-    shape = list(splits.input_shape)
-    return {"num_classes": splits.num_classes, "in_channels": shape[0] if shape else 1, "input_shape": shape}
-
-
-def build_model(kind: str, ref: PluginRef, key: str, context: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    """Build a student or teacher; return it with the params used (context values included)."""
-    record = get_registry().get(kind, ref.name, key=f"{key}.name")
-    params = check_params(record.factory, ref.params, key=f"{key}.params", provided_context=context)
-    model = call_factory(record, params, key=f"{key}.params")
-    if not isinstance(model, nn.Module):
-        raise RecipeError(f"{kind} {ref.name!r} built a {type(model).__name__}, not a torch.nn.Module", key=key)
-    return model, params
-
-
-# -- losses -------------------------------------------------------------------------------
 @dataclass
 class LossTerm:
     """One weighted loss of the recipe, with the schedules that drive it."""
@@ -155,6 +47,8 @@ class LossTerm:
     module: nn.Module
     weight: float | Schedule
     param_schedules: dict[str, Schedule] = field(default_factory=dict)
+    key: str = ""
+    scheduled_params: list[ScheduledParam] = field(default_factory=list)
 
     def weight_at(self, progress: float) -> float:
         """The term's weight at this point of the run."""
@@ -169,6 +63,135 @@ class LossTerm:
     def trainable(self) -> bool:
         """Whether the loss owns parameters that train with the student."""
         return any(p.requires_grad for p in self.module.parameters())
+
+    def check_schedules(self, progress_values: list[float]) -> None:
+        """Check the weight and every scheduled param at each of these points of the run."""
+        if callable(self.weight):
+            check_nonnegative(self.weight, progress_values, f"{self.key}.weight", "the weight")
+        for scheduled in self.scheduled_params:
+            scheduled.check(progress_values)
+
+
+@dataclass
+class BuiltRun:
+    """What a recipe builds, before Accelerate prepares anything."""
+
+    recipe: Recipe
+    task: Task
+    task_name: str
+    splits: DataSplits
+    context: BuildContext
+    student: nn.Module
+    teacher: nn.Module | None
+    losses: list[LossTerm]
+    resolved: dict[str, Any]
+
+
+# -- static checks ------------------------------------------------------------------------
+def check_recipe(recipe: Recipe) -> None:
+    """Every check that needs no data and no compute: names, params, schedules, optimizer."""
+    if recipe.task is not None:
+        refuse_schedules(dict(recipe.task.params), "task.params")
+        check_plugin("task", recipe.task, key="task")
+    refuse_schedules(dict(recipe.data.params), "data.params")
+    check_plugin("dataset", recipe.data, key="data")
+    for kind in ("student", "teacher"):
+        ref = getattr(recipe, kind)
+        if ref is not None:
+            refuse_schedules(dict(ref.params), f"{kind}.params")
+            check_plugin(kind, ref, BuildContext.placeholder(), key=kind)
+    for i, loss in enumerate(recipe.losses):
+        term = check_loss(loss, f"losses[{i}]")
+        factory = get_registry().get("loss", loss.name).factory
+        if getattr(factory, "teacher_required", False) is True and recipe.teacher is None:
+            raise RecipeError(f"loss {loss.name!r} needs a teacher, and the recipe has no `teacher`", key=f"losses[{i}]")
+        term.check_schedules(list(PROBES))
+    lr = recipe.optimizer.params.get("lr")
+    if isinstance(lr, dict) and "schedule" in lr:
+        check_nonnegative(build_schedule(lr, "optimizer.params.lr"), PROBES, "optimizer.params.lr", "the learning rate")
+    build_optimizer(recipe.optimizer, [nn.Linear(2, 2, bias=False)], total_steps=1)
+
+
+def check_loss(loss: LossRef, key: str) -> LossTerm:
+    """Check one loss term's params and schedules; the returned term has no module yet."""
+    record = get_registry().get("loss", loss.name, key=f"{key}.name")
+    plain, schedules = split_scheduled(dict(loss.params), f"{key}.params")
+    scheduled = [ScheduledParam(name, schedule, record.factory, plain, f"{key}.params.{name}")
+                 for name, schedule in schedules.items()]
+    for item in scheduled:  # first, so a bad scheduled value is reported as the schedule's
+        item.check([0.0])
+    check_params(record.factory, plain, key=f"{key}.params")
+    weight = build_schedule(loss.weight, f"{key}.weight") if isinstance(loss.weight, ScheduledValue) else loss.weight
+    return LossTerm(loss.name, nn.Identity(), weight, schedules, key, scheduled)
+
+
+# -- building -----------------------------------------------------------------------------
+@contextmanager
+def private_rng(seed: int) -> Iterator[None]:
+    """Seed torch, numpy and ``random`` for a block, then put their previous states back."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def build_task(recipe: Recipe, splits: DataSplits | None) -> tuple[Task, str, PluginRef]:
+    """The recipe's task, else the one the dataset names, else ``classification``."""
+    ref = recipe.task or PluginRef(name=(splits.task if splits is not None and splits.task else DEFAULT_TASK))
+    key = "task" if recipe.task is not None else "data"
+    task, _ = build_plugin_with_params("task", ref, key=key)
+    missing = [m for m in _TASK_METHODS if not callable(getattr(task, m, None))]
+    missing += [a for a in ("headline", "higher_is_better") if not hasattr(task, a)]
+    if missing:
+        raise RecipeError(f"task {ref.name!r} does not implement {', '.join(missing)} of kdforge.Task "
+                          f"(subclass kdforge.TaskBase for the defaults)", key=key)
+    return task, ref.name, ref
+
+
+def build_data(recipe: Recipe) -> DataSplits:
+    """Build the dataset plugin and check what it returned."""
+    splits, _ = build_plugin_with_params("dataset", recipe.data, key="data")
+    name = recipe.data.name
+    if not isinstance(splits, DataSplits):
+        raise RecipeError(f"dataset {name!r} returned {type(splits).__name__}, not kdforge.DataSplits", key="data")
+    if splits.num_classes < 1:
+        raise RecipeError(f"dataset {name!r} reports {splits.num_classes} classes", key="data")
+    try:
+        size = len(splits.train)  # type: ignore[arg-type]
+    except TypeError:
+        size = None
+    if size == 0:
+        raise RecipeError(f"dataset {name!r} has an empty train split", key="data")
+    return splits
+
+
+def build_losses(recipe: Recipe) -> list[LossTerm]:
+    """Build every loss term; scheduled params must be attributes of the loss module."""
+    terms = []
+    for i, (loss, label) in enumerate(zip(recipe.losses, _term_labels(recipe.losses))):
+        key = f"losses[{i}]"
+        term = check_loss(loss, key)
+        record = get_registry().get("loss", loss.name, key=f"{key}.name")
+        plain = {**dict(loss.params), **{s.name: s.schedule(0.0) for s in term.scheduled_params}}
+        module = call_factory(record, check_params(record.factory, plain, key=f"{key}.params"), key=f"{key}.params")
+        if not isinstance(module, nn.Module):
+            raise RecipeError(f"loss {loss.name!r} built a {type(module).__name__}, not a torch.nn.Module", key=key)
+        check_extension_points(module, "loss", f"loss {loss.name!r}", key=key)
+        for name in term.param_schedules:
+            if not hasattr(module, name):
+                raise RecipeError(f"loss {loss.name!r} keeps no attribute {name!r}, so that param cannot follow a schedule",
+                                  key=f"{key}.params.{name}")
+        if getattr(module, "teacher_required", False) and recipe.teacher is None:
+            raise RecipeError(f"loss {loss.name!r} needs a teacher, and the recipe has no `teacher`", key=key)
+        term.label, term.module = label, module
+        terms.append(term)
+    return terms
 
 
 def _term_labels(losses: list[LossRef]) -> list[str]:
@@ -185,112 +208,36 @@ def _term_labels(losses: list[LossRef]) -> list[str]:
     return labels
 
 
-def build_losses(recipe: Recipe) -> list[LossTerm]:
-    """Build every loss term; scheduled params must be attributes of the loss module."""
-    terms = []
-    for i, (loss, label) in enumerate(zip(recipe.losses, _term_labels(recipe.losses))):
-        key = f"losses[{i}]"
-        record = get_registry().get("loss", loss.name, key=f"{key}.name")
-        plain, schedules = split_scheduled(dict(loss.params), f"{key}.params")
-        params = check_params(record.factory, plain, key=f"{key}.params")
-        module = call_factory(record, params, key=f"{key}.params")
-        if not isinstance(module, nn.Module):
-            raise RecipeError(f"loss {loss.name!r} built a {type(module).__name__}, not a torch.nn.Module", key=key)
-        for name in schedules:
-            if not hasattr(module, name):
-                raise RecipeError(
-                    f"loss {loss.name!r} keeps no attribute {name!r}, so that param cannot follow a schedule",
-                    key=f"{key}.params.{name}",
-                )
-        weight = build_schedule(loss.weight, f"{key}.weight") if isinstance(loss.weight, ScheduledValue) else loss.weight
-        if getattr(module, "teacher_required", False) and recipe.teacher is None:
-            raise RecipeError(f"loss {loss.name!r} needs a teacher, and the recipe has no `teacher`", key=key)
-        terms.append(LossTerm(label, module, weight, schedules))
-    return terms
+def build_run(recipe: Recipe) -> BuiltRun:
+    """Build task, data, student, teacher and losses from a checked recipe; nothing is written."""
+    with private_rng(recipe.seed):
+        splits = build_data(recipe)
+        task, task_name, _ = build_task(recipe, splits)
+        context = BuildContext.from_splits(splits)
+        student, student_params = build_plugin_with_params("student", recipe.student, context, key="student")
+        resolved = recipe.model_dump(mode="json")
+        resolved["student"]["params"] = _jsonable({**recipe.student.params, **student_params})
+        teacher = None
+        if recipe.teacher is not None:
+            teacher, teacher_params = build_plugin_with_params("teacher", recipe.teacher, context, key="teacher")
+            resolved["teacher"]["params"] = _jsonable({**recipe.teacher.params, **teacher_params})
+            if callable(getattr(teacher, "bind", None)):
+                teacher.bind(student)  # a teacher that follows the student starts from it
+        losses = build_losses(recipe)
+    return BuiltRun(recipe, task, task_name, splits, context, student, teacher, losses, resolved)
 
 
-# -- optimizer ----------------------------------------------------------------------------
-_UNSUPPORTED_OPTIMIZERS = {
-    "LBFGS": "it needs a closure that re-evaluates the loss, which a streaming training loop does not have",
-    "SparseAdam": "it needs sparse gradients, and kdforge's models produce dense ones",
-}
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    return yaml.safe_load(yaml.safe_dump(_plain(params)))
 
 
-def optimizer_classes() -> dict[str, type[torch.optim.Optimizer]]:
-    """``torch.optim`` optimizers by lower-case name (sgd, adam, adamw, ...)."""
-    return {
-        name.lower(): cls
-        for name, cls in vars(torch.optim).items()
-        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
-    }
-
-
-def _default_weight_decay(cls: type) -> float | None:
-    """The optimizer's own default weight decay (``None`` if it has no such param)."""
-    import inspect
-
-    param = inspect.signature(cls).parameters.get("weight_decay")
-    if param is None or not isinstance(param.default, (int, float)):
-        return None
-    return float(param.default)
-
-
-def parameter_groups(modules: list[nn.Module], weight_decay: float | None, decay_norm_and_bias: bool) -> list[dict[str, Any]]:
-    """Trainable params in two groups: with weight decay, and without (biases and norm weights)."""
-    decay, no_decay, seen = [], [], set()
-    for module in modules:
-        for param in module.parameters():
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            (no_decay if param.ndim <= 1 and not decay_norm_and_bias else decay).append(param)
-    if weight_decay is None:
-        return [{"params": decay + no_decay}]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(
-    spec: OptimizerSpec, modules: list[nn.Module], total_steps: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimizer over ``modules`` and a LambdaLR that follows the (maybe scheduled) lr.
-
-    The scheduler is stepped once per optimizer step; its multiplier is the lr itself
-    (the groups' base lr is 1) when ``lr`` is a schedule, and 1 otherwise.
-    """
-    classes = optimizer_classes()
-    cls = classes.get(spec.name.lower())
-    if cls is None:
-        raise RecipeError(f"unknown optimizer {spec.name!r}.{did_you_mean(spec.name.lower(), classes)} ({valid_list(classes)})", key="optimizer.name")
-    if cls.__name__ in _UNSUPPORTED_OPTIMIZERS:
-        raise RecipeError(f"{cls.__name__} is not supported: {_UNSUPPORTED_OPTIMIZERS[cls.__name__]}", key="optimizer.name")
-    if "params" in spec.params:
-        raise RecipeError("the optimizer's parameters come from the student and losses; remove `params`", key="optimizer.params.params")
-    plain, schedules = split_scheduled(dict(spec.params), "optimizer.params")
-    unknown_schedules = [n for n in schedules if n != "lr"]
-    if unknown_schedules:
-        raise RecipeError("only `lr` may follow a schedule here", key=f"optimizer.params.{unknown_schedules[0]}")
-    kwargs = check_params(cls, plain, key="optimizer.params", provided_context={"params": []})
-    kwargs.pop("params", None)
-    lr_schedule = schedules.get("lr")
-    if lr_schedule is not None:
-        negative = [p for p in _PROBES if lr_schedule(p) < 0]
-        if negative:
-            raise RecipeError(f"the learning rate's schedule goes below 0 (at progress {negative[0]})",
-                              key="optimizer.params.lr")
-        kwargs["lr"] = 1.0
-    weight_decay = kwargs.pop("weight_decay", _default_weight_decay(cls))
-    groups = parameter_groups(modules, weight_decay, spec.decay_norm_and_bias)
-    if not any(g["params"] for g in groups):
-        raise RecipeError("nothing to train: the student has no trainable parameters", key="student")
-    try:
-        optimizer = cls(groups, **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise RecipeError(str(exc), key="optimizer.params") from None
-    steps = max(int(total_steps), 1)
-    if lr_schedule is None:
-        factor: Callable[[int], float] = lambda _step: 1.0  # noqa: E731
-    else:
-        def factor(step: int) -> float:
-            return float(lr_schedule(min(step / steps, 1.0)))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

@@ -71,7 +71,7 @@ def _version() -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``kdforge run``."""
-    from .engine import run_recipe, validate
+    from .runner import run_recipe, validate_recipe_source as validate
 
     if len(args.recipes) > 1 and args.output_dir:
         raise RecipeError("--output-dir names one run directory; give each recipe its own output_dir instead")
@@ -93,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """``kdforge validate``."""
-    from .engine import validate
+    from .runner import validate_recipe_source as validate
 
     recipe = validate(args.recipe, args.overrides, dry=args.dry_run)
     print(f"{args.recipe}: ok ({recipe.name}: {len(recipe.losses)} loss term(s), "
@@ -142,28 +142,49 @@ def load_summary(run_dir: str) -> dict[str, Any]:
     return data
 
 
+def headline_of(summary: dict[str, Any]) -> tuple[str, bool]:
+    """The metric a run leads with and whether higher is better (accuracy for runs of kdforge 0.1)."""
+    headline = summary.get("headline")
+    if isinstance(headline, dict) and isinstance(headline.get("metric"), str):
+        return headline["metric"], bool(headline.get("higher_is_better", True))
+    return "accuracy", True
+
+
+def _metric(value: Any, metric: str) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    return f"{100 * value:.2f}%" if "accuracy" in metric else f"{value:.4g}"
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    """``kdforge compare``: the runs' accuracy, size and time side by side."""
+    """``kdforge compare``: the runs' headline metric, size and time side by side."""
     summaries = [(d, load_summary(d)) for d in args.run_dirs]
     if args.json:
         print(json.dumps([{"run_dir": d, **s} for d, s in summaries], indent=2, sort_keys=True))
         return EXIT_OK
-
-    def pct(v: Any) -> str:
-        return f"{100 * v:.2f}%" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
-
+    metrics = list(dict.fromkeys(headline_of(s) for _, s in summaries))
     rows = []
     for run_dir, s in summaries:
         size = s.get("student/size_bytes")
         params = s.get("student/params")
-        rows.append([
-            s.get("name", Path(run_dir).name), pct(s.get("student/accuracy")), pct(s.get("teacher/accuracy")),
+        row = [s.get("name", Path(run_dir).name)]
+        for metric, _ in metrics:
+            row += [_metric(s.get(f"student/{metric}"), metric), _metric(s.get(f"teacher/{metric}"), metric)]
+        row += [
             f"{params:,}" if isinstance(params, int) and not isinstance(params, bool) else "-",
             f"{size / 1024:.1f} KiB" if isinstance(size, (int, float)) else "-",
             s.get("epochs", "-"), f"{s['wall_seconds']:.1f}" if isinstance(s.get("wall_seconds"), (int, float)) else "-",
             s.get("num_processes", "-"),
-        ])
-    print(format_table(["run", "student acc", "teacher acc", "student params", "size", "epochs", "seconds", "procs"], rows))
+        ]
+        rows.append(row)
+    names = {"accuracy": "acc"}
+    headers = ["run"]
+    for metric, higher in metrics:
+        short = names.get(metric, metric)
+        arrow = "" if metric == "accuracy" else (" (higher is better)" if higher else " (lower is better)")
+        headers += [f"student {short}{arrow}", f"teacher {short}"]
+    headers += ["student params", "size", "epochs", "seconds", "procs"]
+    print(format_table(headers, rows))
     return EXIT_OK
 
 

@@ -28,9 +28,11 @@ def register_losses(register: Register) -> None:
     """Register loss factories.
 
     ``factory(**params)`` returns a ``torch.nn.Module`` whose
-    ``forward(out: kdforge.StepOutputs)`` returns a scalar tensor. A loss that needs
+    ``forward(out: kdforge.StepOutputs)`` returns a 0-d tensor. A loss that needs
     intermediate features sets ``student_taps`` / ``teacher_taps`` (lists of module
-    names); a loss may own trainable parameters, which are trained with the student.
+    names); a loss may own trainable parameters, which are trained with the student,
+    and may implement the extension points of ``kdforge.extensions`` (extra exits,
+    exported files, lifecycle callbacks).
     """
 
 
@@ -40,6 +42,8 @@ def register_teachers(register: Register) -> None:
 
     ``factory(**params)`` returns a ``torch.nn.Module`` mapping a batch's inputs to
     logits. kdforge freezes it, puts it in eval mode and runs it under ``no_grad``.
+    A teacher may be a ``kdforge.CompositeTeacher`` (members combined) or follow the
+    student (``kdforge.FollowsStudent``).
     """
 
 
@@ -56,7 +60,9 @@ def register_datasets(register: Register) -> None:
     """Register dataset factories.
 
     ``factory(**params)`` returns a ``kdforge.DataSplits`` (train and eval datasets,
-    ``num_classes`` and the input shape).
+    ``num_classes`` and the input shape). Items are ``(inputs, targets)`` pairs, bare
+    inputs, or mappings with ``inputs``, ``targets`` and extra fields; every batch also
+    gets each sample's ``index``.
     """
 
 
@@ -67,4 +73,16 @@ def register_schedules(register: Register) -> None:
     ``factory(**params)`` returns a callable ``value(progress: float) -> float``,
     with progress in [0, 1] over the run. Schedules drive loss weights, loss
     parameters (e.g. the temperature) and the learning rate.
+    """
+
+
+@hookspec
+def register_tasks(register: Register) -> None:
+    """Register task factories.
+
+    ``factory(**params)`` returns a ``kdforge.Task``: how a dataset's items become a
+    ``kdforge.Batch``, how a model is called on it, what its outputs must look like (the
+    dry-run check), how a batch weighs in gradient accumulation, and the evaluation
+    metrics with their headline. Subclass ``kdforge.TaskBase`` for the usual batch
+    handling. The built-in ``classification`` is the default.
     """

@@ -106,6 +106,7 @@ class Recipe(_Strict):
 
     name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^/\\\x00]+$")] = "kdforge-run"
     seed: Annotated[int, Field(strict=True, ge=0, lt=2**32)] = 0
+    task: PluginRef | None = None
     data: PluginRef
     teacher: PluginRef | None = None
     student: PluginRef
@@ -228,8 +229,21 @@ def _split_path(path: str) -> list[str | int]:
     return parts
 
 
+class _Delete:
+    """The value of ``--set key=`` (nothing after ``=``): remove the key."""
+
+    def __repr__(self) -> str:
+        return "<delete>"
+
+
+DELETE = _Delete()
+
+
 def set_by_path(data: dict[str, Any], path: str, value: Any) -> None:
-    """Set ``data[a][b][2] = value`` for ``path == "a.b.2"`` (or ``a.b[2]``), creating mappings."""
+    """Set ``data[a][b][2] = value`` for ``path == "a.b.2"`` (or ``a.b[2]``), creating mappings.
+
+    ``value`` ``DELETE`` removes the key (or list item) instead; a missing key is an error then.
+    """
     parts = _split_path(path)
     node: Any = data
     for i, part in enumerate(parts):
@@ -242,17 +256,26 @@ def set_by_path(data: dict[str, Any], path: str, value: Any) -> None:
             if isinstance(part, int) and part not in node:
                 part = str(part)
             if not last and (part not in node or node[part] is None):
+                if value is DELETE:
+                    raise RecipeError("no such key to delete", key=where)
                 node[part] = {}
         else:
             raise RecipeError(f"cannot set a key inside a {type(node).__name__} value", key=where)
-        if last:
+        if last and value is DELETE:
+            if isinstance(node, dict) and part not in node:
+                raise RecipeError("no such key to delete", key=where)
+            del node[part]
+        elif last:
             node[part] = value
         else:
             node = node[part]
 
 
 def normalize_overrides(overrides: Any) -> list[tuple[str, Any]]:
-    """Turn ``["a.b=1", ...]`` or ``{"a.b": 1}`` into ``[("a.b", 1), ...]`` (values parsed as YAML)."""
+    """Turn ``["a.b=1", ...]`` or ``{"a.b": 1}`` into ``[("a.b", 1), ...]`` (values parsed as YAML).
+
+    ``"a.b="`` (nothing after ``=``) deletes the key: its value is ``DELETE``; ``a.b=null`` sets null.
+    """
     if overrides is None:
         return []
     if isinstance(overrides, Mapping):
@@ -267,7 +290,7 @@ def normalize_overrides(overrides: Any) -> list[tuple[str, Any]]:
         key = key.strip()
         if not key:
             raise RecipeError(f"override {item!r} has no key before '='")
-        pairs.append((key, parse_yaml(raw, f"value of override {key!r}") if raw.strip() else None))
+        pairs.append((key, parse_yaml(raw, f"value of override {key!r}") if raw.strip() else DELETE))
     return pairs
 
 

@@ -32,6 +32,7 @@ KIND_HOOKS: dict[str, str] = {
     "student": "register_students",
     "dataset": "register_datasets",
     "schedule": "register_schedules",
+    "task": "register_tasks",
 }
 _KIND_ALIASES = {**{k: k for k in KIND_HOOKS}, **{k + "s": k for k in KIND_HOOKS}, "losses": "loss"}
 
@@ -131,6 +132,8 @@ class Registry:
         self.records: list[PluginRecord] = []
         self.tables: dict[str, dict[str, PluginRecord]] = {kind: {} for kind in KIND_HOOKS}
         self._conflicts: dict[tuple[str, str], list[PluginRecord]] = {}
+        #: entry points that KDFORGE_LOAD_PLUGINS left out, as "distribution (entry point)"
+        self.skipped: list[str] = []
         for source in self._discover(extra or []):
             self._load(source)
 
@@ -141,6 +144,7 @@ class Registry:
             builtin = _normalize(dist_name) == BUILTIN_DISTRIBUTION
             if not builtin and allowed is not None:
                 if _normalize(dist_name) not in allowed and _normalize(ep.name) not in allowed:
+                    self.skipped.append(f"{dist_name} ({ep.name})")
                     continue
             try:
                 obj = ep.load()
@@ -240,15 +244,26 @@ class Registry:
         table = self.tables[kind]
         record = table.get(name) if isinstance(name, str) else None
         if record is None:
-            usable = [n for n, r in table.items() if r.status == "ok"]
-            hint = did_you_mean(str(name), usable)
-            failed = [r for r in self.records if r.status == "failed"]
-            note = "".join(f"; plugin {r.name!r} from {r.provider} failed to load ({r.error}), it may have provided it"
-                           for r in failed[:3])
-            raise PluginError(f"unknown {kind} {name!r}.{hint} ({valid_list(usable)}){note}", key=key)
+            raise PluginError(self._unknown_message(kind, name), key=key)
         if record.status != "ok":
             raise PluginError(record.error or f"{kind} {name!r} is unavailable", key=key)
         return record
+
+
+    def _unknown_message(self, kind: str, name: Any) -> str:
+        """Why no plugin answers to ``name``: nothing installed provides it, and what might have."""
+        usable = [n for n, r in self.tables[kind].items() if r.status == "ok"]
+        message = f"unknown {kind} {name!r}: no installed plugin provides it.{did_you_mean(str(name), usable)}"
+        message += f" ({valid_list(usable)})"
+        if self.skipped:
+            shown = ", ".join(self.skipped[:5])
+            message += (f"; KDFORGE_LOAD_PLUGINS={os.environ.get('KDFORGE_LOAD_PLUGINS', '')!r} left out {shown}, "
+                        f"which may provide it")
+        for failed in [r for r in self.records if r.status == "failed"][:3]:
+            message += f"; plugin {failed.name!r} from {failed.provider} failed to load ({failed.error}), it may have provided it"
+        if not self.skipped and not any(r.status == "failed" for r in self.records):
+            message += "; install the package that provides it, or check `kdforge plugins`"
+        return message
 
 
 def _describe(exc: BaseException) -> str:

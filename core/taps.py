@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import RecipeError
+from .extensions import module_names, resolve_module
 
 
 def _output_tensor(output: Any) -> Any:
@@ -53,15 +54,20 @@ class FeatureTaps:
 
 
 def resolve_tap(model: nn.Module, name: str, *, owner: str = "model", key: str | None = None) -> nn.Module:
-    """``model.get_submodule(name)``, or a ``RecipeError`` listing the closest module names."""
+    """The module a tap name refers to, or a ``RecipeError`` listing the closest tap names.
+
+    Names are resolved level by level, so a module that renames its taps (a ``get_submodule``
+    override, see ``kdforge.RenamesTaps``) is honoured wherever it sits, inside a composite
+    teacher too; the hints list the names such modules expose, not their internals.
+    """
     if not isinstance(name, str) or not name:
         raise RecipeError(f"tap names must be non-empty strings, got {name!r}", key=key)
     try:
-        return model.get_submodule(name)
+        return resolve_module(model, name)
     except AttributeError:
         import difflib
 
-        names = [n for n, _ in model.named_modules() if n]
+        names = module_names(model)
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
         shown = close or names[:12]
         label = "closest module names" if close else "some module names"

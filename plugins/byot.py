@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from kdforge import RecipeError, StepOutputs, hookimpl
+from kdforge import RecipeError, RunContext, StepOutputs, full_precision, hookimpl, load_student, load_weights, save_weights
 from kdforge.plugins.losses import kd_divergence, masked_cross_entropy
-from kdforge.weights import load_weights, save_weights
 
 EXPORT_DIR = "early_exits"
 
@@ -49,6 +48,12 @@ class ExitHead(nn.Module):
     def forward(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hint = self.bottleneck(feature)
         return hint, self.classifier(hint)
+
+
+@full_precision
+def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ||a - b||^2, in float32."""
+    return (a.float() - b.float()).pow(2).sum(dim=1).mean()
 
 
 def _head_key(tap: str) -> str:
@@ -108,12 +113,16 @@ class BeYourOwnTeacher(nn.Module):
         for _, hint, logits in self._exits(out):
             total = total + (1.0 - self.alpha) * masked_cross_entropy(logits, out.targets)
             total = total + self.alpha * kd_divergence(logits, teacher_log_probs, t)
-            total = total + self.beta * (hint.float() - deep_feature).pow(2).sum(dim=1).mean()
+            total = total + self.beta * squared_distance(hint, deep_feature)
         return total
 
     def eval_logits(self, out: StepOutputs) -> dict[str, torch.Tensor]:
-        """Each shallow exit's logits, so the engine reports every exit's accuracy."""
-        return {tap: logits for tap, _, logits in self._exits(out)}
+        """Each shallow exit's logits (as ``exits/<tap>``), so every exit's metrics are reported."""
+        return {f"exits/{tap}": logits for tap, _, logits in self._exits(out)}
+
+    def on_fit_end(self, run: RunContext) -> dict[str, Any]:
+        """The last evaluation's exit accuracies, as one mapping in the summary."""
+        return {"student/exits/accuracy": {tap: run.metrics.get(f"student/exits/{tap}/accuracy") for tap in self.taps}}
 
     def export(self, student: nn.Module, run_dir: Path) -> None:
         """Write each exit's head (weights and shape) under ``early_exits/`` for ``early_exit``."""
@@ -167,14 +176,12 @@ class EarlyExitModel(nn.Module):
 
 def early_exit(path: str, exit: str) -> EarlyExitModel:
     """A shallow exit of a finished ``byot`` run (``path``) as a standalone model (student or teacher)."""
-    from kdforge.plugins.teachers import checkpoint_teacher
-
     meta_file = Path(path) / EXPORT_DIR / f"{exit}.json"
     if not meta_file.is_file():
         found = sorted(p.stem for p in (Path(path) / EXPORT_DIR).glob("*.json"))
         raise RecipeError(f"no exported exit {exit!r} in {path!r} (exits: {', '.join(found) or 'none'})")
     meta = json.loads(meta_file.read_text())
-    backbone = checkpoint_teacher(path)
+    backbone = load_student(path, key=".path")
     head = ExitHead(meta["in_channels"], meta["width"], meta["num_classes"], meta["spatial"])
     load_weights(head, meta_file.with_suffix(".safetensors"))
     return EarlyExitModel(backbone, exit, head)

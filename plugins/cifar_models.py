@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from kdforge import hookimpl
-from kdforge.weights import load_weights
+from kdforge import hookimpl, load_weights
 
 PositiveInt = Annotated[int, Field(ge=1)]
 DropRate = Annotated[float, Field(ge=0.0, lt=1.0)]

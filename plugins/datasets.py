@@ -10,14 +10,23 @@ Nothing is ever downloaded unless a factory's ``download`` param is true.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 import torch
 from pydantic import Field
 from torch.utils.data import Dataset
 
-from kdforge import UNLABELED, DataSplits, RecipeError, hookimpl
+from kdforge import (
+    DataSplits,
+    PartiallyLabeled,
+    RecipeError,
+    TensorPairs,
+    balanced_subset,
+    hookimpl,
+    stratified_split,
+    with_labeled,
+)
 
 __all__ = [
     "PartiallyLabeled",
@@ -42,109 +51,8 @@ Seed = Annotated[int, Field(ge=0)]
 Stats = Annotated[list[float], Field(min_length=3, max_length=3)]
 
 
-# -- reusable datasets and helpers ------------------------------------------------------
-class TensorPairs(Dataset):
-    """In-memory ``(inputs[i], targets[i])`` pairs with python-int targets."""
-
-    def __init__(self, inputs: torch.Tensor, targets: Sequence[int]) -> None:
-        if len(inputs) != len(targets):
-            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
-        self.inputs = inputs
-        self.targets = [int(t) for t in targets]
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.inputs[index], self.targets[index]
-
-
-class PartiallyLabeled(Dataset):
-    """Wrap a dataset of ``(x, y)`` items so that only the samples in ``keep`` keep their label.
-
-    The others get ``UNLABELED`` (-1) as target, or, with ``drop=True``, are left out
-    (the wrapper then holds only the ``keep`` samples, in index order). Works for any
-    base dataset; ``targets`` (the effective labels) is available when the base has
-    a ``targets`` attribute.
-    """
-
-    def __init__(self, base: Dataset, keep: Iterable[int], drop: bool = False) -> None:
-        self.base = base
-        size = len(base)  # type: ignore[arg-type]
-        indices = np.fromiter((int(i) for i in keep), dtype=np.int64)
-        if indices.size and (indices.min() < 0 or indices.max() >= size):
-            raise IndexError(f"keep holds indices outside 0..{size - 1}")
-        self.labeled_mask = np.zeros(size, dtype=bool)
-        self.labeled_mask[indices] = True
-        self.drop = bool(drop)
-        self.indices = np.flatnonzero(self.labeled_mask)
-
-    def __len__(self) -> int:
-        return len(self.indices) if self.drop else len(self.labeled_mask)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        if self.drop:
-            return self.base[int(self.indices[index])]
-        x, y = self.base[index]
-        return x, (int(y) if self.labeled_mask[index] else UNLABELED)
-
-    @property
-    def targets(self) -> list[int]:
-        """The labels this wrapper hands out, ``UNLABELED`` where hidden."""
-        base_targets = [int(t) for t in getattr(self.base, "targets")]
-        if self.drop:
-            return [base_targets[i] for i in self.indices]
-        return [t if keep else UNLABELED for t, keep in zip(base_targets, self.labeled_mask)]
-
-
-def balanced_subset(targets: Sequence[int], n: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of ``n`` labeled samples, spread over the classes as evenly as possible.
-
-    Each class gets ``n // classes`` samples (a class with fewer gets all of them and its
-    share goes to the others); the remainder goes to classes picked at random. Negative
-    targets (already unlabeled) are never picked. Deterministic given ``seed``.
-    """
-    labels = np.asarray(list(targets), dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels[labels >= 0])
-    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    sizes = np.array([len(p) for p in pools], dtype=np.int64)
-    if n > sizes.sum():
-        raise ValueError(f"asked for {n} labeled samples but only {int(sizes.sum())} have a label")
-    take = np.zeros(len(pools), dtype=np.int64)
-    left = int(n)
-    order = rng.permutation(len(pools))  # which classes get the remainder
-    while left > 0:
-        open_classes = [i for i in order if take[i] < sizes[i]]
-        share = left // len(open_classes)
-        if share == 0:
-            for i in open_classes[:left]:
-                take[i] += 1
-            break
-        for i in open_classes:
-            add = min(share, int(sizes[i] - take[i]))
-            take[i] += add
-            left -= add
-    chosen = [pool[:k] for pool, k in zip(pools, take)]
-    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
-
-
-def with_labeled(
-    base: Dataset, targets: Sequence[int], labeled: int | None, drop_unlabeled: bool, seed: int
-) -> Dataset:
-    """Apply the shared ``labeled`` / ``drop_unlabeled`` params to a training split."""
-    if labeled is None:
-        return base
-    available = sum(1 for t in targets if int(t) >= 0)
-    if labeled > available:
-        raise ValueError(
-            f"labeled={labeled} is more than the {available} labeled training samples; "
-            f"use at most {available} (or leave labeled unset to keep every label)"
-        )
-    if drop_unlabeled and labeled == 0:
-        raise ValueError("labeled=0 with drop_unlabeled=true leaves no training samples")
-    keep = balanced_subset(targets, labeled, seed)
-    return PartiallyLabeled(base, keep, drop=drop_unlabeled)
+# The reusable pieces (TensorPairs, PartiallyLabeled, balanced_subset, with_labeled,
+# stratified_split) are public kdforge names; they are re-exported here for older imports.
 
 
 # -- digits -----------------------------------------------------------------------------
@@ -156,21 +64,18 @@ def digits(
 ) -> DataSplits:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes, no download).
 
-    A stratified split (``test_fraction``, ``split_seed``) gives 1257 train / 540 eval
-    images at the defaults. Pixels are scaled to [0, 1]; inputs have shape (1, 8, 8).
+    A stratified split (``kdforge.stratified_split`` with ``test_fraction``, ``split_seed``)
+    gives 1257 train / 540 eval images at the defaults. Pixels are scaled to [0, 1]; inputs have shape (1, 8, 8).
     ``labeled=N`` keeps the labels of N class-balanced training images (picked from
     ``split_seed``), the rest get -1; ``drop_unlabeled`` removes those. Eval keeps all labels.
     """
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     data = load_digits()
     images = (data.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    x_train, x_eval, y_train, y_eval = train_test_split(
-        images, data.target, test_size=test_fraction, random_state=split_seed, stratify=data.target
-    )
-    train = TensorPairs(torch.from_numpy(np.ascontiguousarray(x_train)), y_train.tolist())
-    eval_split = TensorPairs(torch.from_numpy(np.ascontiguousarray(x_eval)), y_eval.tolist())
+    train_idx, eval_idx = stratified_split(data.target, test_fraction, split_seed)
+    train = TensorPairs(torch.from_numpy(np.ascontiguousarray(images[train_idx])), data.target[train_idx].tolist())
+    eval_split = TensorPairs(torch.from_numpy(np.ascontiguousarray(images[eval_idx])), data.target[eval_idx].tolist())
     return DataSplits(
         train=with_labeled(train, train.targets, labeled, drop_unlabeled, split_seed),
         eval=eval_split,

@@ -31,19 +31,28 @@ class EMATeacher(nn.Module):
         self.decay, self.warmup = decay, warmup
         self.model: nn.Module | None = None
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._updates: int | None = 0
+        # after load_state_dict (--resume), read the restored counter at the next update
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_updates", None))
 
     def bind(self, student: nn.Module) -> None:
         """Start from a copy of the student (called by the engine before training)."""
         self.model = copy.deepcopy(student).requires_grad_(False).eval()
         self.num_updates.zero_()
+        self._updates = 0
 
-    def get_submodule(self, target: str) -> nn.Module:  # taps use the student's names
+    def get_submodule(self, target: str) -> nn.Module:
+        """Taps use the student's module names (``features.1``), as on the student."""
         if self.model is not None and target:
             try:
                 return self.model.get_submodule(target)
             except AttributeError:
                 pass
         return super().get_submodule(target)
+
+    def tap_names(self) -> list[str]:
+        """The student's module names (what ``get_submodule`` accepts)."""
+        return [name for name, _ in self.model.named_modules() if name] if self.model is not None else []
 
     def forward(self, inputs: Any) -> torch.Tensor:
         if self.model is None:
@@ -52,17 +61,21 @@ class EMATeacher(nn.Module):
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        """Move the average towards the student's current weights (no host sync)."""
-        if self.warmup:  # computed on the device from the update counter: no host sync
-            n = self.num_updates.to(torch.float32)
-            weight: torch.Tensor | float = 1.0 - torch.clamp(1.0 - 1.0 / (n + 1.0), max=self.decay)
-        else:
-            weight = 1.0 - self.decay
-        for mine, theirs in zip(self.model.parameters(), student.parameters()):
-            mine.lerp_(theirs.detach().to(mine.dtype), weight)
-        for mine, theirs in zip(self.model.buffers(), student.buffers()):
-            mine.copy_(theirs)
-        self.num_updates += 1
+        """Move the average towards the student's current weights: foreach ops, no host sync."""
+        if self._updates is None:  # once per run (and after a resume): the counter as a Python int
+            self._updates = int(self.num_updates)
+        weight = 1.0 - self.decay
+        if self.warmup:
+            weight = 1.0 - min(self.decay, 1.0 - 1.0 / (self._updates + 1.0))
+        mine = [p for p in self.model.parameters()]
+        theirs = [p.detach().to(m.dtype) for p, m in zip(student.parameters(), mine)]
+        torch._foreach_lerp_(mine, theirs, weight)
+        buffers = list(self.model.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(student.buffers()))
+        self._updates += 1
+        self.num_updates.fill_(self._updates)
+
 
 
 @hookimpl

@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from kdforge import ModelOutputs, RecipeError, UNLABELED, hookimpl
+from kdforge import (
+    UNLABELED,
+    BuildContext,
+    ModelOutputs,
+    RecipeError,
+    build_teacher,
+    check_plugin,
+    hookimpl,
+)
 
 Combine = Literal["mean_probs", "mean_logits", "weighted", "confidence"]
 
@@ -30,15 +38,10 @@ class TeacherSpec(BaseModel):
 
     @model_validator(mode="after")
     def _known_teacher(self) -> "TeacherSpec":
-        from kdforge.params import check_params
-        from kdforge.registry import get_registry
-
         if self.name in ("ensemble", "ema"):
             raise ValueError(f"a {self.name!r} teacher cannot be an ensemble member")
         try:
-            record = get_registry().get("teacher", self.name)
-            check_params(record.factory, self.params, key="params",
-                         provided_context={"num_classes": 2, "in_channels": 1, "input_shape": [1, 1, 1]})
+            check_plugin("teacher", self.model_dump(), BuildContext.placeholder())
         except RecipeError as exc:
             raise ValueError(str(exc)) from None
         return self
@@ -118,29 +121,20 @@ def ensemble(
     ``combine``: mean_probs (default), mean_logits, weighted (with ``weights``, one per
     teacher) or confidence (per-sample weights from each teacher's loss on the label).
     """
-    from kdforge.params import check_params
-    from kdforge.registry import call_factory, get_registry
-
     if combine == "weighted" and (weights is None or len(weights) != len(teachers)):
         raise ValueError(f"combine: weighted needs `weights` with one entry per teacher ({len(teachers)})")
     if combine != "weighted" and weights is not None:
         raise ValueError("`weights` only apply to combine: weighted")
-    context = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels),
-                                 ("input_shape", input_shape)) if v is not None}
+    context = BuildContext(num_classes, in_channels, tuple(input_shape) if input_shape is not None else None)
     members = []
     for i, raw in enumerate(teachers):
-        key = f"teacher.params.teachers[{i}]"
+        key = f".teachers[{i}]"  # relative: kdforge prefixes where this ensemble sits in the recipe
         try:
             spec = raw if isinstance(raw, TeacherSpec) else TeacherSpec.model_validate(raw)
         except ValidationError as exc:
             err = exc.errors()[0]
             raise RecipeError(f"{err['msg']} (a teacher is {{name, params}})", key=key) from None
-        record = get_registry().get("teacher", spec.name, key=f"{key}.name")
-        params = check_params(record.factory, spec.params, key=f"{key}.params", provided_context=context)
-        member = call_factory(record, params, key=f"{key}.params")
-        if not isinstance(member, nn.Module):
-            raise RecipeError(f"teacher {spec.name!r} built a {type(member).__name__}, not a torch.nn.Module", key=key)
-        members.append(member)
+        members.append(build_teacher(spec.model_dump(), context, key=key))
     return TeacherEnsemble(members, combine, weights)
 
 

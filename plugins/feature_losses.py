@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from kdforge import StepOutputs, hookimpl
+from kdforge import StepOutputs, full_precision, hookimpl
 
 TapList = Annotated[list[str], Field(min_length=1)]
 
@@ -79,6 +79,7 @@ class AttentionTransfer(nn.Module):
         self.pair_weights = list(pair_weights) if pair_weights is not None else [1.0] * len(student_taps)
         self.p, self.mode, self.pool = p, mode, pool
 
+    @full_precision
     def forward(self, out: StepOutputs) -> torch.Tensor:
         if out.teacher is None:
             raise ValueError("the attention loss needs a teacher")
@@ -146,6 +147,7 @@ class RelationalKD(nn.Module):
         self.teacher_taps = [teacher_tap] if teacher_tap else []
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
+    @full_precision  # distances and angles are matmuls: autocast would run them in half precision
     def forward(self, out: StepOutputs) -> torch.Tensor:
         if out.teacher is None:
             raise ValueError("the relational loss needs a teacher")
@@ -172,6 +174,12 @@ def make_connector(student_shape: torch.Size, teacher_shape: torch.Size) -> nn.M
         return nn.Linear(student_shape[1], teacher_shape[1])
     raise ValueError(f"cannot connect a student feature of shape {tuple(student_shape)} "
                      f"to a teacher feature of shape {tuple(teacher_shape)}")
+
+
+@full_precision
+def mse_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in float32, whatever the autocast dtype."""
+    return F.mse_loss(a.float(), b.float())
 
 
 class FitNet(nn.Module):
@@ -201,7 +209,7 @@ class FitNet(nn.Module):
         hint = self.connector(fs)
         if hint.ndim == 4:
             hint, ft = pool_to_match(hint, ft)
-        return F.mse_loss(hint.float(), ft.float())
+        return mse_float32(hint, ft)
 
 
 @hookimpl

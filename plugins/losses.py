@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kdforge import UNLABELED, StepOutputs, hookimpl
+from kdforge import UNLABELED, StepOutputs, full_precision, hookimpl
 
 
+@full_precision
 def kd_divergence(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(p_teacher || softmax(student/T)), averaged over the batch, in float32.
 
@@ -24,6 +25,7 @@ def kd_divergence(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor,
     return kl.mean() * (temperature**2)
 
 
+@full_precision
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor | None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over the labeled samples (target -1 is skipped), in float32; 0 without labels."""
     logits = logits.float()

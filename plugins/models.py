@@ -12,9 +12,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from kdforge import RecipeError, hookimpl
-from kdforge.errors import did_you_mean
-from kdforge.weights import load_weights
+from kdforge import RecipeError, did_you_mean, hookimpl, load_weights
 
 PositiveInt = Annotated[int, Field(ge=1)]
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}

@@ -12,8 +12,7 @@ from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from kdforge import DataSplits, RecipeError
-from kdforge.plugins.datasets import with_labeled
+from kdforge import DataSplits, RecipeError, with_labeled
 
 
 # -- CIFAR ------------------------------------------------------------------------------

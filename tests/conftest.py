@@ -52,6 +52,23 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
                           cwd=cwd or ROOT, timeout=timeout)
 
 
+def run_in_subprocess(recipe: dict[str, Any], tmp_path: Path, *args: str) -> dict[str, Any]:
+    """Train ``recipe`` with ``kdforge run`` in its own process; return its summary.
+
+    For runs whose mixed precision differs from the test process's: Accelerate fixes the
+    precision once per process.
+    """
+    import json
+
+    import yaml
+
+    path = tmp_path / "subprocess-recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = run_cli("run", str(path), *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((Path(recipe["output_dir"]) / "summary.json").read_text())
+
+
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small_cnn teacher trained on all digits labels (shared by the tests that distill)."""

@@ -113,7 +113,7 @@ def test_bad_ensemble_params(digits_teacher: Path) -> None:
     member = {"name": "checkpoint", "params": {"path": str(digits_teacher)}}
     with pytest.raises(kdforge.RecipeError, match="weights"):
         kdforge.create("teacher", "ensemble", teachers=[member, member], combine="weighted")
-    with pytest.raises(kdforge.RecipeError, match=r"teachers\[1\].*unknown teacher 'checkpoint_'\. Did you mean 'checkpoint'"):
+    with pytest.raises(kdforge.RecipeError, match=r"teachers\[1\].*unknown teacher 'checkpoint_': no installed plugin provides it\. Did you mean 'checkpoint'"):
         kdforge.create("teacher", "ensemble", teachers=[member, {"name": "checkpoint_"}])
 
 

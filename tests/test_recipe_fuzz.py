@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdforge import RecipeError
-from kdforge.engine import validate
+from kdforge.runner import validate_recipe_source as validate
 from kdforge.recipe import parse_yaml
 
 VALID: dict[str, Any] = {

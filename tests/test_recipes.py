@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kdforge.engine import validate
+from kdforge.runner import validate_recipe_source as validate
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

@@ -1,0 +1,296 @@
+"""Running a recipe end to end: check, build, dry run, prepare, then (only then) touch the run directory.
+
+``run_recipe`` is ``kdforge.run``; ``validate_recipe_source`` is ``kdforge validate``.
+Every check that can fail runs before anything is written, so a late recipe error never
+costs an earlier run's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from .build import BuiltRun, build_run, check_recipe
+from .dryrun import dry_run
+from .errors import RecipeError, TrainingStopped
+from .io import write_text_atomic
+from .loop import Session, fit, load_checkpoint, note, prepare_session
+from .recipe import Recipe, load_recipe
+from .state import RunState
+from .taps import FeatureTaps, resolve_tap
+from .tracking import MetricsFile, wandb_init_kwargs
+
+#: recipe keys that may change between a run and its --resume
+RESUMABLE_CHANGES = (
+    "trainer.epochs", "trainer.log_every", "trainer.keep_checkpoints", "trainer.num_workers",
+    "trainer.progress_bar", "trainer.eval_batch_size", "trainer.checkpoint_every", "tracking", "output_dir",
+    "name",
+)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+# -- taps ---------------------------------------------------------------------------------
+def install_taps(built: BuiltRun) -> tuple[FeatureTaps, FeatureTaps | None]:
+    """Check every loss's taps against the models (naming the loss and its param), then hook them."""
+    student_names: list[str] = []
+    teacher_names: list[str] = []
+    for i, term in enumerate(built.losses):
+        params = dict(built.resolved["losses"][i].get("params") or {})
+        for side, model, names in (("student", built.student, student_names), ("teacher", built.teacher, teacher_names)):
+            wanted = list(getattr(term.module, f"{side}_taps", None) or [])
+            if wanted and model is None:
+                raise RecipeError(f"loss {term.label!r} taps teacher features, and the recipe has no teacher", key="teacher")
+            param = f"{side}_taps" if f"{side}_taps" in params else f"{side}_tap"
+            for name in wanted:
+                resolve_tap(model, name, owner=f"{side} {type(model).__name__}", key=f"losses[{i}].params.{param}")
+                if name not in names:
+                    names.append(name)
+    student_taps = FeatureTaps(built.student, student_names)
+    teacher_taps = FeatureTaps(built.teacher, teacher_names) if teacher_names else None
+    return student_taps, teacher_taps
+
+
+def remove_taps(*taps: FeatureTaps | None) -> None:
+    """Remove the hooks of every tap set given."""
+    for tap in taps:
+        if tap is not None:
+            tap.remove()
+
+
+# -- validate -----------------------------------------------------------------------------
+def validate_recipe_source(recipe_source: Any, overrides: Any = None, *, dry: bool = False) -> Recipe:
+    """Check a recipe without training: static checks, and with ``dry`` one batch through the models."""
+    recipe = load_recipe(recipe_source, overrides)
+    check_recipe(recipe)
+    if dry:
+        built = build_run(recipe)
+        student_taps, teacher_taps = install_taps(built)
+        try:
+            dry_run(built, student_taps, teacher_taps)
+        finally:
+            remove_taps(student_taps, teacher_taps)
+    return recipe
+
+
+# -- process-wide settings, scoped to the run ---------------------------------------------
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms`` for the run; the previous setting comes back after."""
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@contextlib.contextmanager
+def stop_signals(handler: Any) -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM call ``handler`` during the run (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def make_accelerator(recipe: Recipe, run_dir: Path) -> Any:
+    """The run's ``Accelerator``: CPU processes form a gloo group when there is no GPU."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    trainer = recipe.trainer
+    use_cpu = not torch.cuda.is_available()
+    if trainer.mixed_precision == "fp16" and use_cpu:
+        raise RecipeError("fp16 needs a GPU; use bf16 (or no) on the CPU", key="trainer.mixed_precision")
+    wandb_spec = recipe.tracking.wandb
+    log_with = ["wandb"] if wandb_spec is not None and wandb_spec.mode != "disabled" else None
+    try:
+        return Accelerator(
+            # Without cpu=True, processes started by `accelerate launch --multi_gpu` on a machine
+            # without a GPU would each train alone, silently, instead of forming a gloo group.
+            cpu=use_cpu,
+            mixed_precision=trainer.mixed_precision,
+            gradient_accumulation_steps=1,  # kdforge weighs the micro-batches of a window itself
+            log_with=log_with,
+            project_dir=str(run_dir),
+            step_scheduler_with_optimizer=False,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
+        )
+    except ValueError as exc:
+        if "already been initialized" not in str(exc):
+            raise
+        raise RecipeError(
+            f"this Python process already trained with another mixed precision, and Accelerate fixes it once per "
+            f"process; run this recipe in its own `kdforge run` (or a fresh Python process) "
+            f"({trainer.mixed_precision!r} asked)", key="trainer.mixed_precision") from None
+
+
+# -- run ----------------------------------------------------------------------------------
+class StopRequest:
+    """Set by SIGINT/SIGTERM: the loop checkpoints at the next step boundary (a second signal aborts)."""
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+        self.requested = False
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.session is not None:
+            self.session.interrupted = True
+            if self.session.is_main:
+                name = signal.Signals(signum).name
+                print(f"\nkdforge: {name}: stopping at the next step boundary and saving a checkpoint "
+                      f"(again to abort without one)", file=sys.stderr, flush=True)
+
+
+def run_recipe(
+    recipe_source: Any,
+    overrides: Any = None,
+    *,
+    output_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Validate a recipe, train it, and return its summary (``kdforge.run``)."""
+    from accelerate.utils import set_seed
+
+    if resume and overwrite:
+        raise RecipeError("--resume and --overwrite contradict each other: pass one of them")
+    recipe = load_recipe(recipe_source, overrides)
+    if output_dir is not None:
+        recipe = recipe.model_copy(update={"output_dir": str(output_dir)})
+    check_recipe(recipe)
+    run_dir = recipe.run_dir()
+    ckpt.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)  # read-only check
+    stop = StopRequest()
+    session: Session | None = None
+    student_taps = teacher_taps = None
+    with deterministic_algorithms(not torch.cuda.is_available()), stop_signals(stop):
+        try:
+            accelerator = make_accelerator(recipe, run_dir)
+            built = build_run(recipe)
+            student_taps, teacher_taps = install_taps(built)
+            device = accelerator.device
+            for module in (built.student, built.teacher, *[t.module for t in built.losses]):
+                if module is not None:
+                    module.to(device)
+            dry_run(built, student_taps, teacher_taps, device)
+            state, latest = None, None
+            if resume:
+                latest = ckpt.latest_checkpoint(run_dir)
+                ckpt.verify_checkpoint(latest)
+                check_resumable(run_dir, built)
+                state = RunState.from_json(ckpt.read_state(latest))
+            set_seed(recipe.seed, deterministic=False)
+            session = prepare_session(built, accelerator, run_dir, student_taps, teacher_taps, state)
+            stop.session = session
+            session.interrupted = stop.requested
+            start_run_dir(session, resume)
+            if latest is not None:
+                load_checkpoint(session, latest)
+                session.metrics.truncate_after(session.state.step)
+            start_trackers(session)
+            return fit(session)
+        except BaseException as exc:
+            clear = actionable(exc, recipe)
+            if clear is exc:
+                raise
+            raise clear from exc
+        finally:
+            if session is not None:
+                end_trackers(session)
+            remove_taps(student_taps, teacher_taps)
+
+
+def check_resumable(run_dir: Path, built: BuiltRun) -> None:
+    """``--resume`` refuses a recipe that changed anything but what may change; notes a new length."""
+    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    changed = resume_differences(saved, built.resolved)
+    if changed:
+        raise RecipeError(f"--resume: the recipe differs from the run's own in {', '.join(changed[:8])}; "
+                          f"only {', '.join(RESUMABLE_CHANGES)} may change", key=changed[0])
+    before = (saved.get("trainer") or {}).get("epochs")
+    if before is not None and before != built.recipe.trainer.epochs:
+        note(f"trainer.epochs is {built.recipe.trainer.epochs} now, {before} when the run started: schedules keep "
+             f"the run's original length (steps past it hold their final values)")
+
+
+def resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Recipe keys whose values differ, ignoring the ones ``--resume`` allows to change."""
+    keys = []
+    for key in sorted(set(saved) | set(new)):
+        path = f"{prefix}.{key}" if prefix else key
+        if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES):
+            continue
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += resume_differences(a, b, path)
+        elif a != b:
+            keys.append(path)
+    return keys
+
+
+def start_run_dir(s: Session, resume: bool) -> None:
+    """The first write of the run: clear an earlier run (``--overwrite``), write recipe.yaml."""
+    acc = s.accelerator
+    if s.is_main:
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            ckpt.clear_run_dir(s.run_dir)
+        write_text_atomic(s.run_dir / "recipe.yaml", yaml.safe_dump(s.built.resolved, sort_keys=False))
+    acc.wait_for_everyone()
+    s.metrics = MetricsFile(s.run_dir / "metrics.jsonl", s.is_main)
+
+
+def start_trackers(s: Session) -> None:
+    """W&B through Accelerate's tracker, when the recipe asks for it."""
+    spec = s.recipe.tracking.wandb
+    if spec is not None and spec.mode != "disabled":
+        s.accelerator.init_trackers(spec.project, config=s.built.resolved,
+                                    init_kwargs={"wandb": wandb_init_kwargs(spec, s.recipe.name, s.run_dir)})
+
+
+def end_trackers(s: Session) -> None:
+    """End trackers (not ``end_training``: that also destroys the process group a chain of runs needs)."""
+    trackers = s.accelerator.trackers
+    used_wandb = any(t.name == "wandb" for t in trackers)
+    for tracker in trackers:
+        tracker.finish()
+    trackers.clear()
+    if used_wandb:
+        import wandb
+
+        wandb.teardown()  # waits for wandb's service to flush the run file, then stops it
+
+
+def actionable(exc: BaseException, recipe: Recipe) -> BaseException:
+    """Out of memory and a full disk become one clear message with what to change."""
+    trainer = recipe.trainer
+    if isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+        return TrainingStopped(
+            f"out of memory (batch_size {trainer.batch_size}, mixed_precision {trainer.mixed_precision}): lower "
+            f"trainer.batch_size, raise trainer.gradient_accumulation_steps to keep the effective batch, or use "
+            f"trainer.mixed_precision: bf16; the last complete checkpoint is kept")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return TrainingStopped(
+            f"no space left on device writing {exc.filename or recipe.run_dir()}: free space or set output_dir on "
+            f"another disk (fewer trainer.keep_checkpoints helps); the last complete checkpoint is kept, "
+            f"continue with --resume")
+    return exc

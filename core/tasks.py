@@ -1,0 +1,116 @@
+"""``TaskBase``: the usual batch handling for task plugins, and the indexed data loading.
+
+A task plugin (``register_tasks``) owns how a collated item becomes a ``Batch``, how a
+model is called on it, what its outputs must look like, and the evaluation metrics. The
+engine adds each sample's ``index`` to every batch itself, by wrapping the dataset.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from .outputs import BATCH_FIELDS, Batch, DataSplits, batch_size_of
+
+
+class BatchError(ValueError):
+    """A dataset item that cannot be read as a batch without guessing (reported in the dry run)."""
+
+
+class TaskBase:
+    """Defaults for a task plugin: subclass it and implement the metrics.
+
+    Items are read as ``(inputs, targets)`` pairs, bare inputs (no labels), or mappings
+    with an ``inputs`` key, an optional ``targets`` key and extra fields by name. A tuple
+    of three or more is refused (name the fields with a mapping instead), as is a mapping
+    without ``inputs`` or with a field called ``index`` (the engine's). The model is
+    called as ``model(batch.inputs)``; an output with a ``logits`` attribute (Hugging Face
+    models) gives its logits. A batch weighs its number of samples.
+    """
+
+    headline: str = "loss"
+    higher_is_better: bool = False
+
+    def to_batch(self, item: Any) -> Batch:
+        """A collated item as a ``Batch``."""
+        if isinstance(item, Mapping):
+            if "inputs" not in item:
+                raise BatchError(f"its items are mappings with the keys {sorted(map(str, item))}; "
+                                 "a mapping item needs an 'inputs' key (and optionally 'targets')")
+            if "index" in item:
+                raise BatchError("its items have an 'index' field; kdforge adds each sample's index itself, "
+                                 "so rename that field")
+            extras = {k: v for k, v in item.items() if k not in BATCH_FIELDS}
+            return Batch(item["inputs"], item.get("targets"), None, extras)
+        if isinstance(item, (list, tuple)):
+            if len(item) == 1:
+                return Batch(item[0])
+            if len(item) == 2:
+                return Batch(item[0], item[1])
+            raise BatchError(f"its items are {len(item)}-tuples; kdforge reads (inputs, targets) pairs. "
+                             "Return a mapping such as {'inputs': x, 'targets': y, 'mask': m} to pass more fields")
+        return Batch(item)
+
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """``model(batch.inputs)``, or its ``.logits`` when the model returns an output object."""
+        output = model(batch.inputs)
+        logits = getattr(output, "logits", None)
+        return logits if isinstance(logits, torch.Tensor) else output
+
+    def check_outputs(self, logits: torch.Tensor, batch: Batch, splits: DataSplits) -> None:
+        """Accept any tensor with one row per sample."""
+        if not isinstance(logits, torch.Tensor) or logits.ndim == 0 or logits.shape[0] != batch.size:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"gives outputs of shape {got} for a batch of {batch.size} samples")
+
+    def batch_weight(self, batch: Batch) -> int | torch.Tensor:
+        """The batch's samples."""
+        return batch.size
+
+    def has_labels(self, batch: Batch) -> bool:
+        """Whether any sample of the batch has a label (the dry run looks for one)."""
+        return batch.targets is not None
+
+    def eval_batch(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """No metrics by default."""
+        return {}
+
+    def eval_result(self, sums: Mapping[str, float]) -> dict[str, float | None]:
+        """No metrics by default."""
+        return {}
+
+
+class IndexedDataset(Dataset):
+    """Items of ``base`` paired with their position: ``(index, item)``."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.base[index]
+
+
+class IndexedCollate:
+    """Collate ``(index, item)`` pairs into ``(LongTensor of indices, collated items)``."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any] | None = None) -> None:
+        self.collate = collate or default_collate
+
+    def __call__(self, samples: Sequence[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
+        index = torch.tensor([i for i, _ in samples], dtype=torch.long)
+        return index, self.collate([item for _, item in samples])
+
+
+def read_batch(task: Any, loaded: tuple[torch.Tensor, Any]) -> Batch:
+    """A loaded ``(index, item)`` pair as the task's ``Batch``, with ``index`` set."""
+    index, item = loaded
+    return task.to_batch(item).replace(index=index)
+
+
+__all__ = ["BatchError", "IndexedCollate", "IndexedDataset", "TaskBase", "batch_size_of", "read_batch"]
