@@ -25,18 +25,20 @@ from .extensions import (
     ExportsFiles,
     ExtraOutputs,
     FollowsStudent,
+    Generator,
     NeedsTeacher,
     RenamesTaps,
     RunContext,
     TapsFeatures,
     Task,
     TeacherWrapper,
+    TransformsBatch,
     all_gather,
     full_precision,
 )
 from .hookspecs import hookimpl, hookspec
 from .outputs import UNLABELED, Batch, DataSplits, ModelOutputs, StepOutputs
-from .registry import create, list_plugins, register_plugin, unregister_plugin
+from .registry import create, list_plugins, register_plugin, unavailable, unregister_plugin
 from .tasks import TaskBase
 from .weights import load_state_dict, load_weights, save_weights
 
@@ -52,6 +54,7 @@ __all__ = [
     "ExportsFiles",
     "ExtraOutputs",
     "FollowsStudent",
+    "Generator",
     "ModelOutputs",
     "NeedsTeacher",
     "PartiallyLabeled",
@@ -65,6 +68,7 @@ __all__ = [
     "TaskBase",
     "TeacherWrapper",
     "TensorPairs",
+    "TransformsBatch",
     "UNLABELED",
     "__version__",
     "all_gather",
@@ -86,6 +90,7 @@ __all__ = [
     "run",
     "save_weights",
     "stratified_split",
+    "unavailable",
     "unregister_plugin",
     "validate",
     "with_labeled",

@@ -101,7 +101,7 @@ def check_recipe(recipe: Recipe) -> None:
             refuse_schedules(dict(ref.params), f"{kind}.params")
             check_plugin(kind, ref, BuildContext.placeholder(), key=kind)
     for i, loss in enumerate(recipe.losses):
-        term = check_loss(loss, f"losses[{i}]")
+        term = check_loss(loss, f"losses[{i}]", BuildContext.placeholder())
         factory = get_registry().get("loss", loss.name).factory
         if getattr(factory, "teacher_required", False) is True and recipe.teacher is None:
             raise RecipeError(f"loss {loss.name!r} needs a teacher, and the recipe has no `teacher`", key=f"losses[{i}]")
@@ -112,15 +112,16 @@ def check_recipe(recipe: Recipe) -> None:
     build_optimizer(recipe.optimizer, [nn.Linear(2, 2, bias=False)], total_steps=1)
 
 
-def check_loss(loss: LossRef, key: str) -> LossTerm:
+def check_loss(loss: LossRef, key: str, context: BuildContext) -> LossTerm:
     """Check one loss term's params and schedules; the returned term has no module yet."""
     record = get_registry().get("loss", loss.name, key=f"{key}.name")
     plain, schedules = split_scheduled(dict(loss.params), f"{key}.params")
-    scheduled = [ScheduledParam(name, schedule, record.factory, plain, f"{key}.params.{name}")
+    provided = context.params()
+    scheduled = [ScheduledParam(name, schedule, record.factory, plain, f"{key}.params.{name}", provided)
                  for name, schedule in schedules.items()]
     for item in scheduled:  # first, so a bad scheduled value is reported as the schedule's
         item.check([0.0])
-    check_params(record.factory, plain, key=f"{key}.params")
+    check_params(record.factory, plain, key=f"{key}.params", provided_context=provided)
     weight = build_schedule(loss.weight, f"{key}.weight") if isinstance(loss.weight, ScheduledValue) else loss.weight
     return LossTerm(loss.name, nn.Identity(), weight, schedules, key, scheduled)
 
@@ -171,15 +172,22 @@ def build_data(recipe: Recipe) -> DataSplits:
     return splits
 
 
-def build_losses(recipe: Recipe) -> list[LossTerm]:
-    """Build every loss term; scheduled params must be attributes of the loss module."""
+def build_losses(recipe: Recipe, context: BuildContext, resolved: dict[str, Any]) -> list[LossTerm]:
+    """Build every loss term; scheduled params must be attributes of the loss module.
+
+    Params filled in from ``context`` are recorded in ``resolved`` (the run's recipe.yaml).
+    """
     terms = []
     for i, (loss, label) in enumerate(zip(recipe.losses, _term_labels(recipe.losses))):
         key = f"losses[{i}]"
-        term = check_loss(loss, key)
+        term = check_loss(loss, key, context)
         record = get_registry().get("loss", loss.name, key=f"{key}.name")
         plain = {**dict(loss.params), **{s.name: s.schedule(0.0) for s in term.scheduled_params}}
-        module = call_factory(record, check_params(record.factory, plain, key=f"{key}.params"), key=f"{key}.params")
+        params = check_params(record.factory, plain, key=f"{key}.params", provided_context=context.params())
+        filled = {k: v for k, v in params.items() if k not in loss.params}
+        if filled:
+            resolved["losses"][i]["params"] = _jsonable({**resolved["losses"][i].get("params", {}), **filled})
+        module = call_factory(record, params, key=f"{key}.params")
         if not isinstance(module, nn.Module):
             raise RecipeError(f"loss {loss.name!r} built a {type(module).__name__}, not a torch.nn.Module", key=key)
         check_extension_points(module, "loss", f"loss {loss.name!r}", key=key)
@@ -223,7 +231,7 @@ def build_run(recipe: Recipe) -> BuiltRun:
             resolved["teacher"]["params"] = _jsonable({**recipe.teacher.params, **teacher_params})
             if callable(getattr(teacher, "bind", None)):
                 teacher.bind(student)  # a teacher that follows the student starts from it
-        losses = build_losses(recipe)
+        losses = build_losses(recipe, context, resolved)
     return BuiltRun(recipe, task, task_name, splits, context, student, teacher, losses, resolved)
 
 

@@ -29,34 +29,45 @@ from .extensions import check_extension_points, follows_student
 from .params import check_params
 from .registry import call_factory, get_registry
 
-#: values the engine fills into model factories that accept them (and the recipe left out)
-CONTEXT_NAMES = ("num_classes", "in_channels", "input_shape")
+#: values the engine fills into student, teacher and loss factories that accept them (and the recipe left out)
+CONTEXT_NAMES = ("num_classes", "in_channels", "input_shape", "num_samples")
 TEACHER_WEIGHTS = "teacher.safetensors"
 
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What model factories may be given from the data: classes, input channels, input shape."""
+    """What student, teacher and loss factories may be given from the data.
+
+    ``num_classes`` (the models' output size), ``in_channels`` and ``input_shape`` of one
+    input, and ``num_samples``, the size of the train split (for a memory bank keyed by
+    the sample index). A factory gets each one it names as a param, unless the recipe sets it.
+    """
 
     num_classes: int | None = None
     in_channels: int | None = None
     input_shape: tuple[int, ...] | None = None
+    num_samples: int | None = None
 
     @classmethod
     def from_splits(cls, splits: Any) -> "BuildContext":
         """The context of a dataset plugin's ``DataSplits``."""
         shape = tuple(int(d) for d in splits.input_shape)
-        return cls(splits.num_classes, shape[0] if shape else 1, shape)
+        try:
+            size = len(splits.train)
+        except TypeError:
+            size = None
+        return cls(splits.num_classes, shape[0] if shape else 1, shape, size)
 
     @classmethod
     def placeholder(cls) -> "BuildContext":
         """Stand-in values for checking params before any data exists."""
-        return cls(2, 1, (1, 1, 1))
+        return cls(2, 1, (1, 1, 1), 2)
 
     def params(self) -> dict[str, Any]:
         """The context as factory params (``input_shape`` as a list), leaving out unknown values."""
         values = {"num_classes": self.num_classes, "in_channels": self.in_channels,
-                  "input_shape": list(self.input_shape) if self.input_shape is not None else None}
+                  "input_shape": list(self.input_shape) if self.input_shape is not None else None,
+                  "num_samples": self.num_samples}
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -88,7 +99,7 @@ def check_plugin(kind: str, fragment: Any, context: BuildContext | None = None, 
     """Validate a ``{name, params}`` fragment without building it; return the params it would get."""
     name, params = read_fragment(fragment, key)
     record = get_registry().get(kind, name, key=_join(key, "name"))
-    provided = (context or BuildContext()).params() if kind in ("student", "teacher") else None
+    provided = (context or BuildContext()).params() if kind in ("student", "teacher", "loss") else None
     return check_params(record.factory, params, key=_join(key, "params"), provided_context=provided)
 
 

@@ -159,6 +159,32 @@ class ExportsFiles(Protocol):
         ...
 
 
+@runtime_checkable
+class TransformsBatch(Protocol):
+    """A plugin object (a loss, the task) that rewrites each training batch before the models see it.
+
+    Called once per micro-batch, under ``no_grad``, before the teacher and the student run
+    (on-policy distillation replaces completions by the student's own samples here).
+    """
+
+    def transform_batch(self, batch: Batch, run: "RunContext") -> Batch:
+        """The batch the models and losses get instead of ``batch``."""
+        ...
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A ``generator`` plugin: produces new samples from a model (``register_generators``).
+
+    What ``generate`` fills in is up to the task: a language-model generator appends
+    sampled tokens to the prompts of ``batch``. A faster generator is a plugin of its own.
+    """
+
+    def generate(self, model: nn.Module, batch: Batch) -> Batch:
+        """A batch with the model's samples in it (no gradient flows through generation)."""
+        ...
+
+
 # -- lifecycle callbacks ----------------------------------------------------------------
 @dataclass
 class RunContext:
@@ -227,12 +253,15 @@ _PARTS: dict[type, tuple[tuple[str, bool], ...]] = {
     RenamesTaps: (("tap_names", True),),
     ExtraOutputs: (("eval_logits", True),),
     ExportsFiles: (("export", True),),
+    TransformsBatch: (("transform_batch", True),),
+    Generator: (("generate", True),),
 }
 _ROLES: dict[str, tuple[type, ...]] = {
     "teacher": (CompositeTeacher, FollowsStudent, RenamesTaps),
     "student": (RenamesTaps,),
-    "loss": (ExtraOutputs, ExportsFiles),
-    "task": (),
+    "loss": (ExtraOutputs, ExportsFiles, TransformsBatch),
+    "task": (TransformsBatch,),
+    "generator": (Generator,),
 }
 
 

@@ -86,3 +86,13 @@ def register_tasks(register: Register) -> None:
     metrics with their headline. Subclass ``kdforge.TaskBase`` for the usual batch
     handling. The built-in ``classification`` is the default.
     """
+
+
+@hookspec
+def register_generators(register: Register) -> None:
+    """Register generator factories.
+
+    ``factory(**params)`` returns a ``kdforge.Generator``: ``generate(model, batch)``
+    returns a batch holding the model's samples. Plugins that sample from a model (on-policy
+    distillation, sequence-level distillation) build one with ``kdforge.build_plugin``.
+    """

@@ -83,6 +83,7 @@ class Session:
     position: dict[str, Any] = field(default_factory=dict)
     weights: list[float] = field(default_factory=list)
     lr: float = 0.0
+    transforms: list[Callable[[Batch, RunContext], Batch]] = field(default_factory=list)
 
     @property
     def recipe(self) -> Any:
@@ -106,6 +107,10 @@ class Session:
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Teacher and student forward and every loss term: the weighted total and each term's value."""
+        if self.transforms:
+            with torch.no_grad():
+                for transform in self.transforms:
+                    batch = transform(batch, self.run)
         teacher, teachers = self.models.teacher_view(batch)
         with self.accelerator.autocast():
             out = step_outputs(self.models.student_view(batch), teacher, teachers, batch, **self.position)
@@ -506,8 +511,9 @@ def prepare_session(built: BuiltRun, accelerator: Any, run_dir: Path, student_ta
     run = RunContext(run_dir, acc.unwrap_model(student), teacher, acc, trainer.epochs, steps_per_epoch,
                      state.total_steps)
     trained = [student, *[m for m in loss_modules if any(p.requires_grad for p in m.parameters())]]
+    transforms = [o.transform_batch for o in objects if o is not None and callable(getattr(o, "transform_batch", None))]
     return Session(built, acc, run_dir, models, built.losses, loss_modules, trained, optimizer, scheduler, loader,
-                   evaluator, lifecycle, run, state, steps_per_epoch, stateful_objects(built))
+                   evaluator, lifecycle, run, state, steps_per_epoch, stateful_objects(built), transforms=transforms)
 
 
 def note(message: str) -> None:

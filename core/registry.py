@@ -33,6 +33,7 @@ KIND_HOOKS: dict[str, str] = {
     "dataset": "register_datasets",
     "schedule": "register_schedules",
     "task": "register_tasks",
+    "generator": "register_generators",
 }
 _KIND_ALIASES = {**{k: k for k in KIND_HOOKS}, **{k + "s": k for k in KIND_HOOKS}, "losses": "loss"}
 
@@ -48,7 +49,7 @@ class PluginRecord:
     name: str
     provider: str
     version: str | None
-    status: str  # "ok", "failed" or "conflict"
+    status: str  # "ok", "failed", "conflict" or "unavailable"
     error: str | None = None
     plugin: str = ""
     summary: str = ""
@@ -180,9 +181,10 @@ class Registry:
             self._fail(source.plugin, source.provider, source.version, str(exc))
             return
         for kind, name, factory in staged:
+            reason = getattr(factory, UNAVAILABLE_ATTR, None)
             record = PluginRecord(
-                kind, name, source.provider, source.version, "ok",
-                plugin=source.plugin, summary=_first_doc_line(factory), factory=factory,
+                kind, name, source.provider, source.version, "unavailable" if reason else "ok",
+                error=reason, plugin=source.plugin, summary=_first_doc_line(factory), factory=factory,
             )
             self._add(record)
 
@@ -264,6 +266,23 @@ class Registry:
         if not self.skipped and not any(r.status == "failed" for r in self.records):
             message += "; install the package that provides it, or check `kdforge plugins`"
         return message
+
+
+UNAVAILABLE_ATTR = "__kdforge_unavailable__"
+
+
+def unavailable(reason: str, summary: str = "") -> Callable[..., Any]:
+    """A factory to register for a plugin whose optional dependencies are not installed.
+
+    ``kdforge plugins`` lists it with status ``unavailable`` and ``reason`` (say, the install
+    command); a recipe that uses it is a recipe error with that reason.
+    """
+    def factory(**_params: Any) -> Any:
+        raise PluginError(reason)
+
+    factory.__doc__ = summary or reason
+    setattr(factory, UNAVAILABLE_ATTR, reason)
+    return factory
 
 
 def _describe(exc: BaseException) -> str:

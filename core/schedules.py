@@ -99,6 +99,7 @@ class ScheduledParam:
     factory: Callable[..., Any]
     plain: dict[str, Any]
     key: str
+    provided: dict[str, Any] | None = None
 
     def check(self, progress_values: Iterable[float]) -> None:
         """Every value the schedule takes at these points must be a valid param value."""
@@ -109,7 +110,8 @@ class ScheduledParam:
                 continue
             seen.add(value)
             try:
-                check_params(self.factory, {**self.plain, self.name: value}, key=self.key.rsplit(".", 1)[0])
+                check_params(self.factory, {**self.plain, self.name: value}, key=self.key.rsplit(".", 1)[0],
+                             provided_context=self.provided)
             except RecipeError as exc:
                 raise RecipeError(
                     f"schedule {schedule_name(self.schedule)!r} gives {value:g} at progress {progress:.6g}, which "
