@@ -92,7 +92,7 @@ def check_recipe(recipe: Recipe) -> None:
     """Every check that needs no data and no compute: names, params, schedules, optimizer."""
     if recipe.task is not None:
         refuse_schedules(dict(recipe.task.params), "task.params")
-        check_plugin("task", recipe.task, key="task")
+        check_plugin("task", recipe.task, BuildContext.placeholder(), key="task")
     refuse_schedules(dict(recipe.data.params), "data.params")
     check_plugin("dataset", recipe.data, key="data")
     for kind in ("student", "teacher"):
@@ -146,7 +146,8 @@ def build_task(recipe: Recipe, splits: DataSplits | None) -> tuple[Task, str, Pl
     """The recipe's task, else the one the dataset names, else ``classification``."""
     ref = recipe.task or PluginRef(name=(splits.task if splits is not None and splits.task else DEFAULT_TASK))
     key = "task" if recipe.task is not None else "data"
-    task, _ = build_plugin_with_params("task", ref, key=key)
+    context = BuildContext.from_splits(splits) if splits is not None else BuildContext.placeholder()
+    task, _ = build_plugin_with_params("task", ref, context, key=key)
     missing = [m for m in _TASK_METHODS if not callable(getattr(task, m, None))]
     missing += [a for a in ("headline", "higher_is_better") if not hasattr(task, a)]
     if missing:

@@ -99,7 +99,7 @@ def check_plugin(kind: str, fragment: Any, context: BuildContext | None = None, 
     """Validate a ``{name, params}`` fragment without building it; return the params it would get."""
     name, params = read_fragment(fragment, key)
     record = get_registry().get(kind, name, key=_join(key, "name"))
-    provided = (context or BuildContext()).params() if kind in ("student", "teacher", "loss") else None
+    provided = (context or BuildContext()).params() if kind in ("student", "teacher", "loss", "task") else None
     return check_params(record.factory, params, key=_join(key, "params"), provided_context=provided)
 
 

@@ -505,7 +505,7 @@ def prepare_session(built: BuiltRun, accelerator: Any, run_dir: Path, student_ta
         built.splits.eval, trainer.eval_batch_size or trainer.batch_size, trainer.num_workers,
         acc.process_index, acc.num_processes, built.splits.collate_fn), acc)
     models = Models(built.task, student, teacher, student_taps, teacher_taps, acc.autocast)
-    objects = [built.task, acc.unwrap_model(student), teacher, *[acc.unwrap_model(m) for m in loss_modules]]
+    objects = [built.task, built.splits, acc.unwrap_model(student), teacher, *[acc.unwrap_model(m) for m in loss_modules]]
     exporters = [acc.unwrap_model(m) for m in loss_modules if callable(getattr(acc.unwrap_model(m), "export", None))]
     lifecycle = Lifecycle([o for o in objects if o is not None], teacher, exporters)
     run = RunContext(run_dir, acc.unwrap_model(student), teacher, acc, trainer.epochs, steps_per_epoch,
