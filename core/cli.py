@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override a recipe value (parsed as YAML); repeatable")
 
-    run = sub.add_parser("run", help="train a recipe (several: one after another, e.g. born-again generations)")
+    run = sub.add_parser("run", help="train a recipe (several: one after another, in order)")
     run.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML file(s), run in order")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a recipe value (parsed as YAML); repeatable; applies to every recipe")

@@ -340,9 +340,13 @@ def create(kind: str, name: str, **params: Any) -> Any:
     Params are checked against the factory's signature first (``RecipeError`` on
     unknown, missing or out-of-range values).
     """
+    from .extensions import check_extension_points
+
     record = get_registry().get(kind, name)
     checked = check_params(record.factory, params, key=f"{record.kind} {name!r} params")
-    return call_factory(record, checked, key=None)
+    obj = call_factory(record, checked, key=None)
+    check_extension_points(obj, record.kind, f"{record.kind} {name!r}")
+    return obj
 
 
 def call_factory(record: PluginRecord, params: dict[str, Any], *, key: str | None) -> Any:
