@@ -25,6 +25,16 @@ def kd_divergence(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor,
     return kl.mean() * (temperature**2)
 
 
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardization (Sun et al. 2024): per sample ``(z - mean(z)) / (std(z) + eps)``, in float32.
+
+    ``std`` is torch's default unbiased standard deviation over the classes, as in the
+    authors' code.
+    """
+    z = logits.float()
+    return (z - z.mean(dim=-1, keepdim=True)) / (z.std(dim=-1, keepdim=True) + eps)
+
+
 @full_precision
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor | None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over the labeled samples (target -1 is skipped), in float32; 0 without labels."""
@@ -57,21 +67,32 @@ class HintonKD(torch.nn.Module):
 
     Computed in float32 whatever the autocast dtype. ``temperature`` may be driven by a
     schedule. With an ensemble teacher it distills from the ensemble's combined
-    distribution at this temperature (``ModelOutputs.log_probs``).
+    distribution at this temperature (``ModelOutputs.log_probs``). ``standardize: true``
+    applies logit standardization (Sun et al., CVPR 2024) to both sides' logits before
+    the temperature; an ensemble teacher's combined logits are then standardized.
     """
 
     teacher_required = True
 
-    def __init__(self, temperature: Annotated[float, Field(gt=0.0)] = 4.0) -> None:
+    def __init__(self, temperature: Annotated[float, Field(gt=0.0)] = 4.0, standardize: bool = False) -> None:
         super().__init__()
         self.temperature = temperature
+        self.standardize = standardize
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
         if out.teacher is None:
             raise ValueError("the kd loss needs a teacher: add a `teacher` to the recipe")
         t = float(self.temperature)
+        if self.standardize:
+            return _standardized_kd(out.student.logits, out.teacher.logits, t)
         # log_probs: log_softmax(logits / T), or an ensemble's own combination at this T
         return kd_divergence(out.student.logits, out.teacher.log_probs(t), t)
+
+
+@full_precision
+def _standardized_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    teacher_log_probs = F.log_softmax(standardize_logits(teacher_logits.detach()) / temperature, dim=-1)
+    return kd_divergence(standardize_logits(student_logits), teacher_log_probs, temperature)
 
 
 @hookimpl
