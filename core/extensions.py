@@ -8,6 +8,7 @@ engine keeps what matched. ``docs/extension-points.md`` documents each of them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,10 +352,12 @@ def full_precision(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast("cpu", enabled=False):
-            if torch.cuda.is_available():
-                with torch.autocast("cuda", enabled=False):
-                    return fn(*args, **kwargs)
+        devices = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        if not devices:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device in devices:
+                stack.enter_context(torch.autocast(device, enabled=False))
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

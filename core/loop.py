@@ -84,6 +84,15 @@ class Session:
     weights: list[float] = field(default_factory=list)
     lr: float = 0.0
     transforms: list[Callable[[Batch, RunContext], Batch]] = field(default_factory=list)
+    scheduled_terms: list[LossTerm] = field(default_factory=list)
+    _plain_backend: bool = False
+
+    def __post_init__(self) -> None:
+        from accelerate.utils import DistributedType
+
+        self.scheduled_terms = [t for t in self.terms if t.param_schedules]
+        self._plain_backend = self.accelerator.distributed_type not in (
+            DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)
 
     @property
     def recipe(self) -> Any:
@@ -163,8 +172,28 @@ class Session:
         return bool(finite.item() == 1.0)
 
     @property
-    def scheduled_terms(self) -> list[LossTerm]:
-        return [t for t in self.terms if t.param_schedules]
+    def plain(self) -> bool:
+        """No loss scaler and a backend whose backward and step are torch's own (CPU, DDP, FSDP).
+
+        Then ``backward`` and ``optimizer_step`` call torch directly: Accelerate's wrappers add
+        only checks for other backends (LOMO, XLA, DeepSpeed), two of them a file-system lookup
+        per step.
+        """
+        return (self._plain_backend and self.accelerator.scaler is None
+                and getattr(self.optimizer, "scaler", None) is None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``accelerator.backward`` (``loss.backward`` for a plain backend)."""
+        if self.plain:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
+
+    def optimizer_step(self) -> None:
+        """The prepared optimizer's step and ``zero_grad`` (the wrapped torch optimizer's for a plain backend)."""
+        optimizer = self.optimizer.optimizer if self.plain else self.optimizer
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     @property
     def clipped(self) -> list[torch.Tensor]:
@@ -183,12 +212,11 @@ def train_step(s: Session, window: list[Batch]) -> None:
                 s.optimizer.zero_grad(set_to_none=True)
                 s.state.skipped_steps += 1
                 return
-            acc.backward(total if scales is None else total * scales[i])
+            s.backward(total if scales is None else total * scales[i])
         s.stats.add(total, values, s.step_tensor, batch.size)
     if trainer.max_grad_norm is not None:
         acc.clip_grad_norm_(s.clipped, trainer.max_grad_norm)
-    s.optimizer.step()
-    s.optimizer.zero_grad(set_to_none=True)
+    s.optimizer_step()
     if s.optimizer.step_was_skipped:  # the fp16 grad scaler found inf/nan gradients
         s.state.scaler_skipped_steps += 1
     else:
@@ -430,6 +458,7 @@ def finish(s: Session, wall_seconds: float) -> dict[str, Any]:
         summary["teacher/params"] = count_params(teacher)
         for key in sorted({k for m in s.state.teacher_member_metrics or [] for k in m}):
             summary[f"teacher/members/{key}"] = [m.get(key) for m in s.state.teacher_member_metrics]
+    summary.update(data_info(s.built.splits.info))
     s.run.summary = summary
     if s.is_main:
         weights = s.run_dir / "student.safetensors"
@@ -448,6 +477,23 @@ def finish(s: Session, wall_seconds: float) -> dict[str, Any]:
 
 def recipe_name(s: Session) -> str:
     return s.recipe.name
+
+
+def data_info(info: dict[str, Any]) -> dict[str, Any]:
+    """What a dataset reported in ``DataSplits.info`` (skipped files, say), as ``data/<key>`` summary entries.
+
+    Values that are not JSON (a tokenizer object, say) are left out.
+    """
+    import json
+
+    entries = {}
+    for key, value in info.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            continue
+        entries[f"data/{key}"] = value
+    return entries
 
 
 # -- building the session -------------------------------------------------------------------

@@ -308,3 +308,27 @@ def test_the_public_names_are_importable_and_documented() -> None:
     undocumented = [name for name in kdforge.__all__ if not name.startswith("__") and f"{name}" not in docs]
     assert undocumented == []
     assert json.loads(json.dumps(sorted(kdforge.__all__)))  # plain strings
+
+
+def test_what_a_dataset_reports_in_info_reaches_the_summary(tmp_path: Path, plugin) -> None:
+    from kdforge.plugins.datasets import digits
+
+    class WithInfo:
+        @kdforge.hookimpl
+        def register_datasets(self, register):
+            def reporting() -> kdforge.DataSplits:
+                splits = digits()
+                splits.info = {"skipped_files": {"train": 2, "eval": 0}, "tokenizer": object()}
+                return splits
+
+            register("reporting_digits", reporting)
+
+    obj = WithInfo()
+    kdforge.register_plugin(obj, name="info-test")
+    try:
+        summary = kdforge.run(base_recipe(tmp_path, data={"name": "reporting_digits"},
+                                          trainer={"epochs": 1, "batch_size": 256, "progress_bar": False}))
+    finally:
+        kdforge.unregister_plugin(obj)
+    assert summary["data/skipped_files"] == {"train": 2, "eval": 0}
+    assert "data/tokenizer" not in summary  # not JSON: left out
