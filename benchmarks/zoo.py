@@ -24,6 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 import kdforge
@@ -72,9 +73,14 @@ def redirect(node: Any, moves: dict[str, str]) -> Any:
 def run_one(recipe: Any, run_dir: Path, seed: int, epochs: int | None, reuse: bool) -> dict[str, Any]:
     """Train a recipe (a path or a mapping) for one seed into ``run_dir``; return its summary."""
     summary_file = run_dir / "summary.json"
-    if reuse and summary_file.exists():
-        return json.loads(summary_file.read_text())
-    overrides: dict[str, Any] = {"seed": seed, "trainer.progress_bar": False}
+    if reuse and summary_file.exists() and (run_dir / "recipe.yaml").exists():
+        done = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        wanted = epochs if epochs is not None else (recipe if isinstance(recipe, dict) else
+                                                    yaml.safe_load(Path(recipe).read_text()))["trainer"]["epochs"]
+        if done.get("seed") == seed and done["trainer"]["epochs"] == wanted:  # the same run, not a smoke test
+            return json.loads(summary_file.read_text())
+    # one checkpoint at the end is enough here: per-epoch checkpoints cost more than the digits steps
+    overrides: dict[str, Any] = {"seed": seed, "trainer.progress_bar": False, "trainer.checkpoint_every": 100_000}
     if epochs is not None:
         overrides["trainer.epochs"] = epochs
     return kdforge.run(recipe, overrides, output_dir=str(run_dir), overwrite=True)
@@ -120,7 +126,9 @@ def main() -> None:
                         help="comma-separated methods (recipe names); baseline and kd are always run")
     parser.add_argument("--epochs", type=int, default=None, help="override trainer.epochs (smoke tests)")
     parser.add_argument("--reuse", action="store_true", help="keep runs that already have a summary.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny models: 1 is fastest)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     os.chdir(ROOT)  # recipes name run directories relative to the repository root
     recipes = discover(args.only)
     ensure_teacher()
