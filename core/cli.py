@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
@@ -73,22 +74,46 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``kdforge run``."""
     from .runner import run_recipe, validate_recipe_source as validate
 
+    if args.resume and args.overwrite:
+        raise RecipeError("--resume and --overwrite contradict each other: pass one of them")
     if len(args.recipes) > 1 and args.output_dir:
         raise RecipeError("--output-dir names one run directory; give each recipe its own output_dir instead")
-    # With several recipes, check every one before training any, so a typo in the last one
-    # costs no compute (run_recipe checks a single recipe itself).
+    resumes = [args.resume] * len(args.recipes)
     if len(args.recipes) > 1:
-        for recipe in args.recipes:
-            try:
-                validate(recipe, args.overrides)
-            except RecipeError as exc:
-                raise RecipeError(f"{recipe}: {exc}") from None
-    for recipe in args.recipes:
-        summary = run_recipe(recipe, args.overrides, output_dir=args.output_dir,
-                             resume=args.resume, overwrite=args.overwrite)
+        resumes = plan_chain(args)
+    for recipe, resume in zip(args.recipes, resumes):
+        summary = run_recipe(recipe, args.overrides, output_dir=args.output_dir, resume=resume, overwrite=args.overwrite)
         if _rank0():
-            print(json.dumps(summary, indent=2, sort_keys=True))
+            emit(json.dumps(summary, indent=2, sort_keys=True))
     return EXIT_OK
+
+
+def plan_chain(args: argparse.Namespace) -> list[bool]:
+    """Check every recipe of ``run A.yaml B.yaml ...`` and its run directory before the first one trains.
+
+    Returns, per recipe, whether it resumes: with ``--resume``, a recipe whose run saved a
+    checkpoint resumes and one that never started starts (a chain stopped halfway continues).
+    """
+    from . import checkpoint as ckpt
+    from .runner import validate_recipe_source as validate
+
+    seen: dict[str, str] = {}
+    resumes = []
+    for path in args.recipes:
+        try:
+            recipe = validate(path, args.overrides)
+            run_dir = recipe.run_dir()
+            where = str(run_dir.resolve())
+            if where in seen:
+                raise RecipeError(f"writes to {str(run_dir)!r}, as {seen[where]} does; give each recipe its own "
+                                  f"output_dir", key="output_dir")
+            seen[where] = path
+            resume = args.resume and (ckpt.latest_checkpoint(run_dir) is not None or ckpt.holds_a_run(run_dir))
+            ckpt.prepare_run_dir(run_dir, resume=resume, overwrite=args.overwrite)
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
+        resumes.append(resume)
+    return resumes
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -96,8 +121,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .runner import validate_recipe_source as validate
 
     recipe = validate(args.recipe, args.overrides, dry=args.dry_run)
-    print(f"{args.recipe}: ok ({recipe.name}: {len(recipe.losses)} loss term(s), "
-          f"{recipe.trainer.epochs} epoch(s){', one batch checked' if args.dry_run else ''})")
+    emit(f"{args.recipe}: ok ({recipe.name}: {len(recipe.losses)} loss term(s), "
+         f"{recipe.trainer.epochs} epoch(s){', one batch checked' if args.dry_run else ''})")
     return EXIT_OK
 
 
@@ -107,11 +132,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     records = [r.to_dict() for r in list_plugins()]
     if args.json:
-        print(json.dumps(records, indent=2))
+        emit(json.dumps(records, indent=2))
         return EXIT_OK
     rows = [[r["kind"], r["name"], r["provider"], r["version"] or "-", r["status"],
              r["error"] if r["status"] != "ok" else r["summary"]] for r in records]
-    print(format_table(["kind", "name", "provider", "version", "status", "description"], rows))
+    emit(format_table(["kind", "name", "provider", "version", "status", "description"], rows))
     return EXIT_OK
 
 
@@ -128,18 +153,41 @@ def format_table(headers: list[str], rows: list[list[Any]], max_width: int = 70)
     return "\n".join(lines)
 
 
+MAX_SUMMARY_BYTES = 16 << 20
+
+
 def load_summary(run_dir: str) -> dict[str, Any]:
-    """A finished run's summary.json (``RecipeError`` when there is none)."""
+    """A finished run's summary.json (``RecipeError`` when there is none or it is not one)."""
+    from .checkpoint import describe_file_error
+
     path = Path(run_dir) / "summary.json"
+    problem = describe_file_error(path)
+    if problem == "does not exist":
+        raise RecipeError(f"{run_dir!r} holds no summary.json (not a finished kdforge run)")
+    if problem is not None:
+        raise RecipeError(f"{str(path)!r} {problem}")
+    if path.stat().st_size > MAX_SUMMARY_BYTES:
+        raise RecipeError(f"{str(path)!r} is {path.stat().st_size / 2**20:.0f} MiB: not a kdforge summary")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"{run_dir!r} holds no summary.json (not a finished kdforge run)") from None
+    except RecursionError:
+        raise RecipeError(f"{str(path)!r} is nested too deeply to be a kdforge summary") from None
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise RecipeError(f"cannot read {str(path)!r}: {exc}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{str(path)!r} does not hold a summary mapping")
     return data
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by ``None``: strict JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
 
 
 def headline_of(summary: dict[str, Any]) -> tuple[str, bool]:
@@ -160,7 +208,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """``kdforge compare``: the runs' headline metric, size and time side by side."""
     summaries = [(d, load_summary(d)) for d in args.run_dirs]
     if args.json:
-        print(json.dumps([{"run_dir": d, **s} for d, s in summaries], indent=2, sort_keys=True))
+        emit(json.dumps(finite([{"run_dir": d, **s} for d, s in summaries]), indent=2, sort_keys=True, allow_nan=False))
         return EXIT_OK
     metrics = list(dict.fromkeys(headline_of(s) for _, s in summaries))
     rows = []
@@ -184,7 +232,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         arrow = "" if metric == "accuracy" else (" (higher is better)" if higher else " (lower is better)")
         headers += [f"student {short}{arrow}", f"teacher {short}"]
     headers += ["student params", "size", "epochs", "seconds", "procs"]
-    print(format_table(headers, rows))
+    emit(format_table(headers, rows))
     return EXIT_OK
 
 
@@ -199,6 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_parser().print_help()
             return EXIT_USAGE
         return COMMANDS[args.command](args)
+    except StdoutError as exc:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches it, not even at exit
+        if isinstance(exc.__cause__, BrokenPipeError):
+            return 128 + 13  # the reader went away (`kdforge plugins | head`): quiet, as Unix tools killed by SIGPIPE
+        print(f"kdforge: error: cannot write to standard output: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except RecipeError as exc:
         if _rank0():
             one_line = " ".join(str(exc).split())
@@ -211,14 +265,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kdforge: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - report a crash once, with its traceback, as exit 1
-        # The failing process reports (it may not be rank 0); the launcher stops the others.
-        rank = os.environ.get("RANK")
-        traceback.print_exc()
-        where = f" (process {rank})" if rank not in (None, "", "0") else ""
-        print(f"kdforge: failed{where}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _crash(exc)
     finally:
         _shutdown_distributed()
+
+
+class StdoutError(Exception):
+    """Standard output is closed or full."""
+
+
+def emit(text: str) -> None:
+    """Print a command's output, flushed; a closed or full stdout becomes ``StdoutError``."""
+    try:
+        print(text, flush=True)
+    except OSError as exc:
+        raise StdoutError(exc.strerror or str(exc)) from exc
+
+
+def _crash(exc: BaseException) -> int:
+    """Report a crash once, with its traceback, as exit 1 (the failing process reports; it may not be rank 0)."""
+    rank = os.environ.get("RANK")
+    traceback.print_exception(exc)
+    where = f" (process {rank})" if rank not in (None, "", "0") else ""
+    print(f"kdforge: failed{where}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def _shutdown_distributed() -> None:

@@ -243,6 +243,7 @@ def train_epoch(s: Session, epoch: int, skip_batches: int = 0) -> None:
         module.train()
     loader = s.train_loader
     loader.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
     if skip_batches:
         loader = acc.skip_first_batches(s.train_loader, skip_batches)
         loader.set_epoch(epoch)  # a fresh loader would otherwise shuffle as in epoch 0
@@ -362,7 +363,15 @@ def save_checkpoint(s: Session, tag: str) -> Path:
 
 def load_checkpoint(s: Session, checkpoint: Path) -> None:
     """Restore Accelerate's state, the loop state and the stateful plugin objects."""
-    s.accelerator.load_state(str(checkpoint))
+    from .errors import RecipeError
+
+    try:
+        s.accelerator.load_state(str(checkpoint))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        detail = " ".join(str(exc).split())[:240]
+        raise RecipeError(f"cannot resume from {str(checkpoint)!r}: its files do not fit this recipe's models "
+                          f"({detail}); delete that checkpoint to resume from an older one, or start over with "
+                          f"--overwrite", key="--resume") from None
     total_steps = s.state.total_steps
     s.state = RunState.from_json(ckpt.read_state(checkpoint))
     s.state.total_steps = s.state.total_steps or total_steps  # a state of kdforge 0.1 has none
@@ -500,7 +509,8 @@ def data_info(info: dict[str, Any]) -> dict[str, Any]:
 def train_loader(built: BuiltRun) -> DataLoader:
     """The training split's loader (before Accelerate shards it): shuffled, indexed."""
     trainer = built.recipe.trainer
-    return DataLoader(IndexedDataset(built.splits.train), batch_size=trainer.batch_size, shuffle=True,
+    seed = built.recipe.seed if built.splits.random_transforms else None
+    return DataLoader(IndexedDataset(built.splits.train, seed), batch_size=trainer.batch_size, shuffle=True,
                       num_workers=trainer.num_workers, drop_last=trainer.drop_last,
                       collate_fn=IndexedCollate(built.splits.collate_fn))
 

@@ -177,7 +177,12 @@ class DataSplits:
     (classes for classification). ``task`` names the task plugin this data is meant for
     (``None``: the recipe's ``task``, by default ``classification``). ``collate_fn``
     batches a list of items when torch's default collation does not fit (padding, say).
-    ``info`` carries anything else a dataset wants to tell other plugins.
+    ``random_transforms`` says that the train split's items draw random numbers (augmentation):
+    kdforge then gives every item its own random stream, seeded from the recipe's seed, the
+    epoch and the sample index, so that augmentation is the same with any number of workers
+    and a resumed run sees exactly the pixels the uninterrupted one did. ``info`` carries
+    anything else a dataset wants to tell other plugins (counts of skipped files, say; it is
+    copied into ``summary.json`` as ``data/<key>``).
     """
 
     train: Dataset
@@ -187,6 +192,7 @@ class DataSplits:
     task: str | None = None
     collate_fn: Callable[[list[Any]], Any] | None = field(default=None, repr=False)
     info: dict[str, Any] = field(default_factory=dict)
+    random_transforms: bool = False
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(d) for d in self.input_shape)

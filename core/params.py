@@ -109,6 +109,28 @@ def describe_error(err: Mapping[str, Any], valid_names: list[str] | None = None)
     return f"{msg[0].lower()}{msg[1:]} (got {_short(err.get('input'))})"
 
 
+_SCALAR_TAGS = {"float", "int", "str", "bool", "none", "list", "dict", "tuple", "set", "bytes"}
+
+
+def _is_union_tag(part: Any) -> bool:
+    """A location part pydantic adds for a member of a union (``float``, ``is-instance[Tensor]``)."""
+    return isinstance(part, str) and (part in _SCALAR_TAGS or "[" in part or "-" in part)
+
+
+def union_errors(errors: list[Mapping[str, Any]]) -> list[tuple[tuple[Any, ...], Mapping[str, Any]]]:
+    """One error per place: union members' tags stripped from the locations, the most telling error kept.
+
+    ``lr: float | Tensor`` given ``inf`` fails as a float and as a Tensor; the user needs
+    only "input should be a finite number", not pydantic's union internals.
+    """
+    chosen: dict[tuple[Any, ...], Mapping[str, Any]] = {}
+    for err in errors:
+        loc = tuple(err["loc"][:1]) + tuple(p for p in err["loc"][1:] if not _is_union_tag(p))
+        if loc not in chosen or chosen[loc].get("type") in ("is_instance_of", "is_subclass_of"):
+            chosen[loc] = err
+    return list(chosen.items())
+
+
 def check_params(
     factory: Callable[..., Any],
     params: Mapping[str, Any] | None,
@@ -132,13 +154,10 @@ def check_params(
     try:
         validated = schema.model_validate(params)
     except ValidationError as exc:
-        errors = exc.errors()
-        parts = []
-        for err in errors:
-            where = loc_to_key(key, tuple(err["loc"]))
-            parts.append(f"{where}: {describe_error(err, names)}")
+        errors = union_errors(exc.errors())
+        parts = [f"{loc_to_key(key, loc)}: {describe_error(err, names)}" for loc, err in errors]
         error = RecipeError("; ".join(parts))
-        error.key = loc_to_key(key, tuple(errors[0]["loc"]))
+        error.key = loc_to_key(key, errors[0][0])
         raise error from None
     out = {name: getattr(validated, name) for name in names if name in params}
     if takes_kwargs and validated.model_extra:

@@ -204,9 +204,30 @@ def _parse(text: str, source: str) -> Any:
         raise RecipeError(f"{source} is nested too deeply") from None
 
 
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def load_yaml_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping from a file (``RecipeError`` if missing or not a mapping)."""
+    """Read a YAML mapping from a file (``RecipeError`` if missing, not a regular file, too big, or not a mapping).
+
+    The file is checked with ``stat`` before it is opened, so a FIFO, ``/dev/zero`` or a
+    directory is refused instead of blocking or reading forever.
+    """
+    import stat
+
     path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {str(path)!r} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"cannot read recipe file {str(path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
+        raise RecipeError(f"recipe file {str(path)!r} is {kind}, not a regular file")
+    if info.st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe file {str(path)!r} is {info.st_size / 2**20:.1f} MiB; a recipe is at most "
+                          f"{MAX_RECIPE_BYTES // 2**20} MiB of YAML (is it really a recipe?)")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

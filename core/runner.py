@@ -182,6 +182,7 @@ def run_recipe(
     stop = StopRequest()
     session: Session | None = None
     student_taps = teacher_taps = None
+    lock = ckpt.RunLock(run_dir)
     with deterministic_algorithms(not torch.cuda.is_available()), stop_signals(stop):
         try:
             accelerator = make_accelerator(recipe, run_dir)
@@ -197,12 +198,16 @@ def run_recipe(
                 latest = ckpt.latest_checkpoint(run_dir)
                 ckpt.verify_checkpoint(latest)
                 check_resumable(run_dir, built)
-                state = RunState.from_json(ckpt.read_state(latest))
+                state = read_run_state(latest)
+            check_tracking(recipe, run_dir)
             set_seed(recipe.seed, deterministic=False)
             session = prepare_session(built, accelerator, run_dir, student_taps, teacher_taps, state)
             stop.session = session
             session.interrupted = stop.requested
-            start_run_dir(session, resume)
+            # every check has passed: from here on the run directory is this run's
+            if accelerator.is_main_process:
+                lock.acquire()
+            start_run_dir(session, resume=resume, overwrite=overwrite)
             if latest is not None:
                 load_checkpoint(session, latest)
                 session.metrics.truncate_after(session.state.step)
@@ -217,11 +222,18 @@ def run_recipe(
             if session is not None:
                 end_trackers(session)
             remove_taps(student_taps, teacher_taps)
+            lock.release()
 
 
 def check_resumable(run_dir: Path, built: BuiltRun) -> None:
     """``--resume`` refuses a recipe that changed anything but what may change; notes a new length."""
-    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    from .recipe import load_yaml_file
+
+    try:
+        saved = load_yaml_file(run_dir / "recipe.yaml")
+    except RecipeError as exc:
+        raise RecipeError(f"--resume: {exc.detail}; the run's own recipe is needed to resume it: restore the file, "
+                          f"or start over with --overwrite", key="--resume") from None
     changed = resume_differences(saved, built.resolved)
     if changed:
         raise RecipeError(f"--resume: the recipe differs from the run's own in {', '.join(changed[:8])}; "
@@ -247,12 +259,37 @@ def resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: str =
     return keys
 
 
-def start_run_dir(s: Session, resume: bool) -> None:
-    """The first write of the run: clear an earlier run (``--overwrite``), write recipe.yaml."""
+def read_run_state(checkpoint: Path) -> RunState:
+    """The loop state of a checkpoint, or a ``RecipeError`` naming the file when it is damaged."""
+    try:
+        return RunState.from_json(ckpt.read_state(checkpoint))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise RecipeError(f"cannot resume from {str(checkpoint)!r}: its {ckpt.STATE_FILE} is damaged ({exc}); delete "
+                          f"that checkpoint to resume from an older one, or start over with --overwrite",
+                          key="--resume") from None
+
+
+def check_tracking(recipe: Recipe, run_dir: Path) -> None:
+    """W&B's folder must be a folder: wandb would otherwise fall back to /tmp without a word."""
+    spec = recipe.tracking.wandb
+    if spec is None or spec.mode == "disabled":
+        return
+    folder = Path(spec.dir or os.environ.get("WANDB_DIR") or run_dir)
+    if folder.exists() and not folder.is_dir():
+        source = "tracking.wandb.dir" if spec.dir else "WANDB_DIR" if os.environ.get("WANDB_DIR") else "output_dir"
+        raise RecipeError(f"{str(folder)!r} is a file, so W&B cannot write there; point {source} at a directory",
+                          key="tracking.wandb.dir" if spec.dir else "tracking.wandb")
+
+
+def start_run_dir(s: Session, *, resume: bool, overwrite: bool) -> None:
+    """The first write of the run (under its lock): clear an earlier run, write recipe.yaml."""
     acc = s.accelerator
     if s.is_main:
         s.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.prepare_run_dir(s.run_dir, resume=resume, overwrite=overwrite)  # again, now that the run is ours
         if not resume:
+            if ckpt.holds_a_run(s.run_dir) and not overwrite:
+                note(f"{str(s.run_dir)!r} holds a run that ended before it saved a checkpoint; starting it over")
             ckpt.clear_run_dir(s.run_dir)
         write_text_atomic(s.run_dir / "recipe.yaml", yaml.safe_dump(s.built.resolved, sort_keys=False))
     acc.wait_for_everyone()

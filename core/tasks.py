@@ -84,16 +84,57 @@ class TaskBase:
 
 
 class IndexedDataset(Dataset):
-    """Items of ``base`` paired with their position: ``(index, item)``."""
+    """Items of ``base`` paired with their position: ``(index, item)``.
 
-    def __init__(self, base: Dataset) -> None:
+    With a ``seed``, each item is made under its own random stream (torch, NumPy and
+    ``random``), seeded from the seed, the epoch and the index, and the caller's streams are
+    left as they were: augmentation then depends on nothing else (not on the worker that
+    loads the item, nor on the order, nor on a resume). The epoch lives in shared memory, so
+    ``set_epoch`` reaches persistent worker processes too.
+    """
+
+    def __init__(self, base: Dataset, seed: int | None = None) -> None:
         self.base = base
+        self.seed = seed
+        self.epoch = torch.zeros(1, dtype=torch.long).share_memory_() if seed is not None else None
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next items are drawn for."""
+        if self.epoch is not None:
+            self.epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[int, Any]:
-        return index, self.base[index]
+        if self.seed is None:
+            return index, self.base[index]
+        return index, self._seeded(index)
+
+    def _seeded(self, index: int) -> Any:
+        import random
+
+        import numpy as np
+
+        stream = sample_seed(self.seed, int(self.epoch[0]), index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stream)
+            random.seed(stream)
+            np.random.seed(stream % 2**32)
+            try:
+                return self.base[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample in one epoch, well spread over (seed, epoch, index)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class IndexedCollate:

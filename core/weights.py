@@ -22,9 +22,12 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "student")
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``.pt``/``.pth``/``.bin`` file, safely."""
+    from .checkpoint import describe_file_error
+
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"weights file {str(path)!r} does not exist")
+    problem = describe_file_error(path)
+    if problem is not None:
+        raise RecipeError(f"weights file {str(path)!r} {problem}")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
