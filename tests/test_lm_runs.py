@@ -1,0 +1,212 @@
+"""Language-model runs through the engine: a tiny teacher, distilled students (token_kd dense, top-k, chunked,
+on-policy, hidden_mse), vocabulary errors from the CLI, gradient accumulation by tokens, sequence-level KD,
+and two CPU processes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+import kdforge
+from conftest import run_cli
+from kdforge.weights import load_state_dict
+
+TINY = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+SMALLER = {**TINY, "n_layer": 1, "n_embd": 16}
+
+
+def write_corpus(directory: Path, n: int = 6) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (directory / f"doc{i}.txt").write_text("".join(f"value_{j} = {i} * {j} + {j % 7}\n" for j in range(60)))
+    return directory
+
+
+def text_data(root: Path) -> dict[str, Any]:
+    return {"name": "text", "params": {"files": str(write_corpus(root / "corpus") / "*.txt"), "vocab_size": 300,
+                                       "seq_len": 32, "eval_fraction": 0.2, "cache_dir": str(root / "cache")}}
+
+
+def recipe(root: Path, name: str, student: dict, losses: list, teacher: dict | None = None, **changes: Any) -> dict:
+    r = {"name": name, "seed": 0, "data": text_data(root), "student": student, "losses": losses,
+         "optimizer": {"name": "adamw", "params": {"lr": 0.01}},
+         "trainer": {"epochs": 1, "batch_size": 16, "progress_bar": False, "log_every": 5},
+         "output_dir": str(root / name)}
+    if teacher is not None:
+        r["teacher"] = teacher
+    r.update(copy.deepcopy(changes))
+    return r
+
+
+def hf(config: dict, **params: Any) -> dict:
+    return {"name": "hf_causal_lm", "params": {"config": config, **params}}
+
+
+@pytest.fixture(scope="session")
+def lm_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lm")
+
+
+@pytest.fixture(scope="session")
+def lm_teacher(lm_root: Path) -> Path:
+    """A tiny GPT-2 trained on the generated corpus (two epochs)."""
+    r = recipe(lm_root, "teacher", hf(TINY), [{"name": "lm_ce"}], trainer={"epochs": 2, "batch_size": 16, "progress_bar": False})
+    kdforge.run(r, overwrite=True)
+    return lm_root / "teacher"
+
+
+def checkpoint(path: Path) -> dict:
+    return {"name": "checkpoint", "params": {"path": str(path)}}
+
+
+def test_the_teacher_run_records_its_tokenizer_and_metrics(lm_teacher: Path) -> None:
+    summary = json.loads((lm_teacher / "summary.json").read_text())
+    assert summary["task"] == "language_modeling" and summary["headline"] == {"metric": "perplexity", "higher_is_better": False}
+    assert 1.0 < summary["student/perplexity"] < summary["data/vocab_size"]
+    assert summary["student/token_nll"] == pytest.approx(torch.log(torch.tensor(summary["student/perplexity"])).item(), rel=1e-6)
+    assert 0.0 < summary["student/accuracy"] <= 1.0
+    assert (lm_teacher / "tokenizer" / "tokenizer.json").is_file() and (lm_teacher / "hf" / "config.json").is_file()
+    recorded = yaml.safe_load((lm_teacher / "recipe.yaml").read_text())
+    assert recorded["student"]["params"]["num_classes"] == summary["data/vocab_size"]  # enough to rebuild it
+
+
+@pytest.mark.parametrize("params", [
+    {"divergence": "forward_kl"},
+    {"divergence": "jsd", "beta": 0.5, "chunk_size": 40, "top_k": 16, "temperature": 2.0},
+    {"divergence": "skew_reverse_kl", "alpha": 0.1, "lmbda": 1.0,
+     "generator": {"name": "hf_generate", "params": {"max_new_tokens": 8, "prompt_tokens": 12}}},
+], ids=["forward_kl", "jsd-topk-chunked", "on-policy"])
+def test_token_kd_students_train_from_a_checkpoint_teacher(lm_root: Path, lm_teacher: Path, params: dict) -> None:
+    name = f"kd-{params['divergence']}"
+    r = recipe(lm_root, name, hf(SMALLER), [{"name": "lm_ce", "weight": 0.5}, {"name": "token_kd", "weight": 0.5, "params": params}],
+               teacher=checkpoint(lm_teacher))
+    summary = kdforge.run(r, overwrite=True)
+    teacher = json.loads((lm_teacher / "summary.json").read_text())
+    assert summary["teacher/perplexity"] == pytest.approx(teacher["student/perplexity"], rel=1e-6)
+    assert summary["student/perplexity"] is not None and summary["student/perplexity"] < summary["data/vocab_size"]
+    # the same tokenizer as the teacher's run, byte for byte
+    assert summary["data/tokenizer_sha256"] == teacher["data/tokenizer_sha256"]
+    assert (lm_root / name / "tokenizer" / "tokenizer.json").read_bytes() == (lm_teacher / "tokenizer" / "tokenizer.json").read_bytes()
+    metrics = [json.loads(line) for line in (lm_root / name / "metrics.jsonl").read_text().splitlines()]
+    kd_values = [m["train/loss/token_kd"] for m in metrics if "train/loss/token_kd" in m]
+    assert kd_values and all(v >= 0.0 for v in kd_values)
+
+
+def test_hidden_state_distillation_on_transformer_blocks(lm_root: Path, lm_teacher: Path) -> None:
+    losses = [{"name": "lm_ce"}, {"name": "hidden_mse", "weight": 0.5,
+                                  "params": {"student_taps": ["transformer.h.0"], "teacher_taps": ["transformer.h.1"]}}]
+    summary = kdforge.run(recipe(lm_root, "hidden", hf(SMALLER), losses, teacher=checkpoint(lm_teacher)), overwrite=True)
+    assert summary["student/perplexity"] is not None
+
+
+def test_a_teacher_with_a_smaller_vocabulary_is_a_clean_cli_error(lm_root: Path, lm_teacher: Path, tmp_path: Path) -> None:
+    vocab = json.loads((lm_teacher / "summary.json").read_text())["data/vocab_size"]
+    small = hf({**SMALLER, "vocab_size": vocab - 20})
+    r = recipe(lm_root, "bad-teacher", hf(SMALLER), [{"name": "token_kd"}], teacher=small, output_dir=str(tmp_path / "never"))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(r))
+    result = run_cli("validate", "--dry-run", str(path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"vocabulary of {vocab - 20} tokens, but the tokenizer has {vocab}" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "never").exists()
+
+
+def test_different_vocabularies_without_a_tokenizer_size_are_a_cli_error_naming_both(lm_root: Path, lm_teacher: Path,
+                                                                                   tmp_path: Path) -> None:
+    vocab = json.loads((lm_teacher / "summary.json").read_text())["data/vocab_size"]
+    r = recipe(lm_root, "bad-loss", hf({**SMALLER, "vocab_size": vocab + 8}),
+               [{"name": "token_kd", "params": {"num_classes": None}}], teacher=checkpoint(lm_teacher),
+               output_dir=str(tmp_path / "never"))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(r))
+    result = run_cli("run", str(path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "losses[0]" in result.stderr and "token_kd" in result.stderr
+    assert f"student vocabulary {vocab + 8} and teacher vocabulary {vocab} differ" in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_padding_rows_beyond_the_tokenizer_are_trimmed_in_a_run(lm_root: Path, lm_teacher: Path) -> None:
+    vocab = json.loads((lm_teacher / "summary.json").read_text())["data/vocab_size"]
+    padded = hf({**SMALLER, "vocab_size": vocab + 8})  # as Qwen's 151,936 vs 152,064 rows
+    summary = kdforge.run(recipe(lm_root, "padded", padded, [{"name": "token_kd"}], teacher=checkpoint(lm_teacher)),
+                          overwrite=True)
+    assert summary["student/perplexity"] is not None
+
+
+def pairs_data(root: Path) -> dict:
+    path = root / "pairs.jsonl"
+    rows = [{"prompt": f"{a} plus {a % 9} is" + " so" * (a % 5), "completion": f" {a + a % 9}" + " ok" * (a % 7)}
+            for a in range(48)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return {"name": "prompt_completion", "params": {"files": str(path), "vocab_size": 280, "seq_len": 40,
+                                                    "eval_fraction": 0.1, "cache_dir": str(root / "cache")}}
+
+
+def test_gradient_accumulation_weighs_micro_batches_by_tokens(tmp_path: Path) -> None:
+    """k micro-batches of b == one batch of k * b, with different token counts per micro-batch (TRL #4719)."""
+    data = pairs_data(tmp_path)
+    common = {"data": data, "optimizer": {"name": "sgd", "params": {"lr": 0.5}}}
+    whole = recipe(tmp_path, "whole", hf(SMALLER), [{"name": "lm_ce"}, {"name": "token_kd", "params": {"chunk_size": 50}}],
+                   teacher=hf(TINY), trainer={"epochs": 1, "batch_size": 8, "progress_bar": False}, **common)
+    split = recipe(tmp_path, "split", hf(SMALLER), whole["losses"], teacher=hf(TINY),
+                   trainer={"epochs": 1, "batch_size": 2, "gradient_accumulation_steps": 4, "progress_bar": False}, **common)
+    a, b = kdforge.run(whole, overwrite=True), kdforge.run(split, overwrite=True)
+    assert a["train/steps"] == b["train/steps"] >= 4
+    wa, wb = load_state_dict(tmp_path / "whole" / "student.safetensors"), load_state_dict(tmp_path / "split" / "student.safetensors")
+    moved = 0.0
+    initial = kdforge.create("student", "hf_causal_lm", config=SMALLER, num_classes=a["data/vocab_size"]).state_dict()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+        moved = max(moved, float((wa[name] - initial[name].to(wa[name].dtype)).abs().max()))
+    assert moved > 1e-3  # training did move the weights
+    # and the micro-batches really held different numbers of target tokens
+    splits = kdforge.create("dataset", "prompt_completion", **data["params"])
+    counts = {int((splits.train[i]["labels"] != -100).sum()) for i in range(len(splits.train))}
+    assert len(counts) > 3
+
+
+def test_teacher_completions_are_generated_once_and_cached(lm_root: Path, lm_teacher: Path) -> None:
+    params = {"data": text_data(lm_root), "teacher": checkpoint(lm_teacher), "max_new_tokens": 6, "prompt_tokens": 10,
+              "batch_size": 32, "cache_dir": str(lm_root / "cache")}
+    first = kdforge.create("dataset", "teacher_completions", **params)
+    path = Path(first.info["teacher_completions"]["cache"])
+    assert path.is_file()
+    item = first.train[0]
+    p = int(item["prompt_length"])
+    assert p == 10 and 10 < len(item["input_ids"]) <= 16 and (item["labels"][:p] == -100).all()
+    blocks = kdforge.create("dataset", "text", **text_data(lm_root)["params"])
+    assert torch.equal(item["input_ids"][:p], blocks.train[0]["input_ids"][:p])
+    stamp = path.stat().st_mtime_ns
+    again = kdforge.create("dataset", "teacher_completions", **params)
+    assert path.stat().st_mtime_ns == stamp and torch.equal(again.train[5]["input_ids"], first.train[5]["input_ids"])
+    r = recipe(lm_root, "seqkd", hf(SMALLER), [{"name": "lm_ce"}])
+    r["data"] = {"name": "teacher_completions", "params": params}
+    assert kdforge.run(r, overwrite=True)["student/perplexity"] is not None
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_distill_a_language_model(lm_root: Path, lm_teacher: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_distributed import launch
+
+    r = recipe(lm_root, "ddp", hf(SMALLER), [{"name": "lm_ce", "weight": 0.5},
+                                            {"name": "token_kd", "weight": 0.5, "params": {"chunk_size": 64}}],
+               teacher=checkpoint(lm_teacher), trainer={"epochs": 1, "batch_size": 8, "progress_bar": False,
+                                                        "gradient_accumulation_steps": 2},
+               output_dir=str(tmp_path / "ddp"))
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(r))
+    result = launch(path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["student/perplexity"] is not None
+    assert len(summary["train/samples_seen_per_process"]) == 2
