@@ -325,9 +325,32 @@ def actionable(exc: BaseException, recipe: Recipe) -> BaseException:
             f"out of memory (batch_size {trainer.batch_size}, mixed_precision {trainer.mixed_precision}): lower "
             f"trainer.batch_size, raise trainer.gradient_accumulation_steps to keep the effective batch, or use "
             f"trainer.mixed_precision: bf16; the last complete checkpoint is kept")
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if disk_full(exc, recipe.run_dir()):
+        where = getattr(exc, "filename", None) or recipe.run_dir()
         return TrainingStopped(
-            f"no space left on device writing {exc.filename or recipe.run_dir()}: free space or set output_dir on "
+            f"no space left on device writing {where}: free space or set output_dir on "
             f"another disk (fewer trainer.keep_checkpoints helps); the last complete checkpoint is kept, "
             f"continue with --resume")
     return exc
+
+
+#: how torch's C++ writer and safetensors report a failed write (they raise no OSError(ENOSPC))
+_WRITE_FAILURES = ("basic_ios::clear", "iostream error", "PytorchStreamWriter failed", "file write failed", "inline_container.cc",
+                   "No space left on device", "StorageFull", "os error 28")
+_LOW_SPACE = 64 << 20
+
+
+def disk_full(exc: BaseException, run_dir: Path) -> bool:
+    """Whether ``exc`` is a write that failed because the run directory's disk is full."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if not isinstance(exc, Exception) or not any(marker in str(exc) for marker in _WRITE_FAILURES):
+        return False
+    if "No space left" in str(exc) or "StorageFull" in str(exc) or "os error 28" in str(exc):
+        return True
+    existing = run_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    import shutil
+
+    return shutil.disk_usage(existing).free < _LOW_SPACE
