@@ -10,7 +10,7 @@ Nothing is ever downloaded unless a factory's ``download`` param is true.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -93,12 +93,14 @@ def cifar10(
     drop_unlabeled: bool = False,
     label_seed: Seed = 0,
 ) -> DataSplits:
-    """CIFAR-10 (50000 train / 10000 test 32x32 colour images, 10 classes) via torchvision.
+    """CIFAR-10 (50000 train / 10000 test 32x32 colour images, 10 classes), in torchvision's format.
 
-    Reads torchvision's on-disk format under ``root`` (``cifar-10-batches-py/``); fetches
-    it only when ``download`` is true. ``augment`` adds RandomCrop(32, padding=4) and a
-    horizontal flip to the train split; both splits are normalized with the per-channel
-    CIFAR-10 mean and std. ``verify`` checks the files' md5 against the official release
+    Reads the python-format release under ``root`` (``cifar-10-batches-py/``) with a
+    restricted unpickler that builds only numpy arrays and lists (a file whose pickle
+    would call anything else is a recipe error, never run); fetches it only when
+    ``download`` is true. Items and their order are torchvision's ``CIFAR10``'s.
+    ``augment`` adds RandomCrop(32, padding=4) and a horizontal flip to the train split;
+    both splits are normalized with the per-channel CIFAR-10 mean and std. ``verify`` checks the files' md5 against the official release
     (turn it off for a re-packed copy in the same format). ``labeled`` / ``drop_unlabeled``
     as in ``digits``, with the labeled images picked from ``label_seed``.
     """
@@ -116,11 +118,12 @@ def cifar100(
     drop_unlabeled: bool = False,
     label_seed: Seed = 0,
 ) -> DataSplits:
-    """CIFAR-100 (50000 train / 10000 test 32x32 colour images, 100 fine classes) via torchvision.
+    """CIFAR-100 (50000 train / 10000 test 32x32 colour images, 100 fine classes), in torchvision's format.
 
-    Reads torchvision's on-disk format under ``root`` (``cifar-100-python/``); fetches it
-    only when ``download`` is true. Same augmentation, ``verify`` and ``labeled`` params as
-    ``cifar10``, normalized with the CIFAR-100 per-channel mean and std.
+    Reads the python-format release under ``root`` (``cifar-100-python/``) with the same
+    restricted unpickler as ``cifar10``; fetches it only when ``download`` is true. Same
+    augmentation, ``verify`` and ``labeled`` params as ``cifar10``, normalized with the
+    CIFAR-100 per-channel mean and std.
     """
     from kdforge.plugins import torchvision_data as tvd
 
@@ -139,8 +142,9 @@ def image_folder(
     labeled: Labeled = None,
     drop_unlabeled: bool = False,
     label_seed: Seed = 0,
+    on_bad_image: Literal["error", "skip"] = "error",
 ) -> DataSplits:
-    """Images in class folders (``root/train/<class>/*.png``), read with torchvision's ImageFolder.
+    """Images in class folders (``root/train/<class>/*.png``), in torchvision ImageFolder's classes and order.
 
     ``root/train_dir`` is the train split and ``root/eval_dir`` the eval split (optional:
     without it, eval is None); both must hold the same class folders. Train images get
@@ -148,6 +152,14 @@ def image_folder(
     resize and center crop); eval images are resized to image_size*256/224 and center
     cropped. Inputs are normalized with ``mean``/``std`` (ImageNet's by default) and have
     shape (3, image_size, image_size). ``labeled`` / ``drop_unlabeled`` as in ``digits``.
+
+    Every image's header is checked when the data is built; folder symlinks are followed,
+    each real folder once (a loop ends). ``on_bad_image: error`` makes an unreadable file,
+    a dangling symlink or a looping folder link a recipe error naming it; ``skip`` leaves
+    them out, warns once, and counts them in ``info["skipped_files"]`` (per split, with
+    examples in ``info["skipped_examples"]``). An image that fails only when its pixels are
+    decoded is an error at that read, or with ``skip`` is replaced by the next image that
+    reads (counted in ``info["skipped_at_read"]`` when read in the main process).
     """
     from torchvision import transforms
 
@@ -166,11 +178,14 @@ def image_folder(
             f"(image_folder expects {root}/{train_dir}/<class>/<image files>)",
             key="data.params.root",
         )
-    train = tvd.load_image_folder(train_path, transforms.Compose(train_tf + normalize), "root")
+    at_read = {"train": 0, "eval": 0}
+    train, train_bad = tvd.load_image_folder(
+        train_path, transforms.Compose(train_tf + normalize), "root", on_bad_image, "train", at_read)
     eval_path = Path(root) / eval_dir
-    eval_split = None
+    eval_split, eval_bad = None, []
     if eval_dir and eval_path.is_dir():
-        eval_split = tvd.load_image_folder(eval_path, transforms.Compose(center + normalize), "eval_dir")
+        eval_split, eval_bad = tvd.load_image_folder(
+            eval_path, transforms.Compose(center + normalize), "eval_dir", on_bad_image, "eval", at_read)
         if eval_split.classes != train.classes:
             only_train = sorted(set(train.classes) - set(eval_split.classes))
             only_eval = sorted(set(eval_split.classes) - set(train.classes))
@@ -180,11 +195,18 @@ def image_folder(
                 "both splits need the same class folders",
                 key="data.params.eval_dir",
             )
+    info = {
+        "skipped_files": {"train": len(train_bad), "eval": len(eval_bad)},
+        "skipped_examples": {"train": [str(b) for b in train_bad[: tvd.EXAMPLES_KEPT]],
+                             "eval": [str(b) for b in eval_bad[: tvd.EXAMPLES_KEPT]]},
+        "skipped_at_read": at_read,
+    }
     return DataSplits(
         train=with_labeled(train, train.targets, labeled, drop_unlabeled, label_seed),
         eval=eval_split,
         num_classes=len(train.classes),
         input_shape=(3, image_size, image_size),
+        info=info,
     )
 
 
