@@ -513,11 +513,10 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         if index < 0:
             index += len(self.samples)
-        path, target = self.samples[index]
-        image = self._read(index) if index not in self.read_failures else None
+        image = None if index in self.read_failures else self._read(index)
         if image is None:
             index, image = self._substitute(index)
-            path, target = self.samples[index]
+        target = self.samples[index][1]
         return (self.transform(image) if self.transform is not None else image), target
 
     def _read(self, index: int) -> Image.Image | None:

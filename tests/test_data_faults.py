@@ -460,18 +460,23 @@ def test_every_bad_file_is_counted_and_the_first_named(tmp_path: Path) -> None:
             "empty file (0 bytes)); replace or delete them, or set on_bad_image: skip") in str(info.value)
 
 
+class Hung(Exception):
+    """Raised by ``deadline``; not an OSError, which ``os.walk`` would swallow."""
+
+
 @contextlib.contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """Raise ``TimeoutError`` in this (main) thread after ``seconds``: a hanging walk fails the test instead."""
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise ``Hung`` in this (main) thread after ``seconds``, and every second after: a hanging walk fails
+    the test instead of the suite."""
     def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"still running after {seconds} s")
+        raise Hung(f"still running after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
     finally:
-        signal.alarm(0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
