@@ -400,7 +400,10 @@ class LMSplits(DataSplits):
         for model in (run.student, run.teacher):
             setter = getattr(model, "set_special_tokens", None)
             if callable(setter):
-                setter(eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+                pad = self.tokenizer.pad_token_id
+                # no separate padding token: leave it unset (transformers warns about padding when pad == eos)
+                setter(eos_token_id=self.tokenizer.eos_token_id,
+                       pad_token_id=None if pad == self.tokenizer.eos_token_id else pad)
 
     def on_fit_end(self, run: RunContext) -> dict[str, Any] | None:
         """Where the tokenizer came from, for ``summary.json``."""

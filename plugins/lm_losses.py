@@ -230,7 +230,9 @@ class LMCrossEntropy(nn.Module):
     """Next-token cross-entropy with the labels: mean over the target tokens (``-100`` ignored), float32.
 
     ``chunk_size`` computes it over that many tokens at a time (one chunk's float32
-    ``(chunk, vocab)`` log-softmax at once, in the forward and the backward pass).
+    ``(chunk, vocab)`` log-softmax at once, in the forward and the backward pass). Samples a
+    generator produced (a ``generated`` batch field, on-policy distillation) have no labels
+    and are skipped.
     """
 
     def __init__(self, chunk_size: Annotated[int, Field(ge=1)] | None = None) -> None:
@@ -241,9 +243,12 @@ class LMCrossEntropy(nn.Module):
     def forward(self, out: StepOutputs) -> torch.Tensor:
         targets = _check_targets(out)
         logits = out.student.logits
+        mask = targets != IGNORE_INDEX
+        generated = out.batch.extras.get("generated") if out.batch is not None else None
+        if generated is not None:
+            mask = mask & ~generated.reshape(-1, 1).bool()
         flat_targets = targets.reshape(-1)
-        return token_mean(ce_rows(logits.shape[-1]), _rows(logits), flat_targets != IGNORE_INDEX, [flat_targets],
-                          self.chunk_size)
+        return token_mean(ce_rows(logits.shape[-1]), _rows(logits), mask.reshape(-1), [flat_targets], self.chunk_size)
 
 
 # -- token_kd -----------------------------------------------------------------------------------

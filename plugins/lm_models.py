@@ -223,7 +223,8 @@ class HFGenerate:
     ``prompt_completion`` provides), else its first ``prompt_tokens``. Sampling is plain
     ancestral sampling at ``temperature`` (0: greedy), optionally restricted by ``top_k`` /
     ``top_p``; generation stops after ``max_new_tokens`` or at the model's end-of-text token.
-    The result is right-padded, with labels -100 on the prompt and the padding.
+    The result is right-padded, with labels -100 on the prompt and the padding, and a
+    ``generated`` field (True per sample) that tells ``lm_ce`` these targets are not labels.
     """
 
     def __init__(
@@ -293,6 +294,7 @@ class HFGenerate:
             labels[i, p:p + n] = generated[i, :n]
             out_mask[i, :p + n] = 1
         extras = {k: v for k, v in batch.extras.items() if k not in ("attention_mask", "prompt_length")}
+        extras["generated"] = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
         return lm_batch(out_ids, labels, out_mask, index=batch.index, prompt_length=prompts, **extras)
 
 

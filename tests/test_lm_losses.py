@@ -350,3 +350,14 @@ def test_hidden_mse_projects_and_masks_like_the_logits() -> None:
     changed[~mask] = 100.0
     out.teacher.features["b"] = changed
     torch.testing.assert_close(loss(out), expected)
+
+
+def test_lm_ce_skips_samples_a_generator_produced() -> None:
+    student, _, targets = random_case(14, batch=3)
+    out = outputs(student, None, targets)
+    keep = out.batch.replace(generated=torch.tensor([False, True, False]))
+    out.batch = keep
+    value = kdforge.create("loss", "lm_ce")(out)
+    rows = torch.tensor([0, 2])
+    expected = torch.nn.functional.cross_entropy(student[rows].reshape(-1, 11), targets[rows].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(value, expected)
