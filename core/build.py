@@ -131,8 +131,9 @@ def check_loss(loss: LossRef, key: str, context: BuildContext) -> LossTerm:
 def private_rng(seed: int) -> Iterator[None]:
     """Seed torch, numpy and ``random`` for a block, then put their previous states back."""
     py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)  # seeds every CUDA device too
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:
@@ -153,6 +154,10 @@ def build_task(recipe: Recipe, splits: DataSplits | None) -> tuple[Task, str, Pl
     if missing:
         raise RecipeError(f"task {ref.name!r} does not implement {', '.join(missing)} of kdforge.Task "
                           f"(subclass kdforge.TaskBase for the defaults)", key=key)
+    metrics = task.eval_result({})
+    if task.headline not in metrics:
+        raise RecipeError(f"task {ref.name!r} leads with {task.headline!r}, a metric its eval_result does not give "
+                          f"(it gives {', '.join(map(repr, metrics)) or 'none'})", key=key)
     return task, ref.name, ref
 
 

@@ -32,7 +32,7 @@ RUN_FILE = ".kdforge-run.json"
 _CHECKPOINT = re.compile(r"^(epoch|step)-(\d+)$")
 #: what a run of kdforge 0.1 wrote (it kept no record of its files)
 _KNOWN_OUTPUTS = ("summary.json", "metrics.jsonl", "student.safetensors", "teacher.safetensors", "recipe.yaml",
-                  "checkpoints", "wandb", "early_exits")
+                  "checkpoints", "wandb", "early_exits")  # kept from kdforge 0.1
 _RUN_MARKERS = ("summary.json", "checkpoints", "metrics.jsonl", "student.safetensors", RUN_FILE)
 
 

@@ -168,7 +168,10 @@ def load_teacher(run_dir: str | os.PathLike[str], *, key: str | None = None) -> 
     """The teacher a finished run distilled from, as it was at the end of that run.
 
     Rebuilt from the run's ``recipe.yaml``; a teacher that followed the student (an EMA of
-    it) is bound to the run's student and gets the weights the run saved for it.
+    it) is bound to the run's student and gets the weights the run saved for it. Any other
+    teacher is checked against the fingerprint of its weights that the run recorded
+    (``teacher/fingerprint``): a teacher whose own run was retrained since is refused.
+    Relative paths in the recipe are relative to the current directory, as in a recipe.
     """
     from .weights import load_weights
 
@@ -184,4 +187,23 @@ def load_teacher(run_dir: str | os.PathLike[str], *, key: str | None = None) -> 
             raise RecipeError(f"the run in {str(run_dir)!r} trained a teacher that follows the student but holds "
                               f"no {TEACHER_WEIGHTS}", key=key)
         load_weights(teacher, weights)
+        return teacher
+    expected = _summary(path).get("teacher/fingerprint")
+    if isinstance(expected, str):
+        from .weights import fingerprint
+
+        if fingerprint(teacher) != expected:
+            raise RecipeError(f"the teacher rebuilt from the recipe of {str(run_dir)!r} is not the one that run "
+                              f"distilled from (its weights differ: was a teacher run retrained, or does a relative "
+                              f"path point elsewhere from this directory?)", key=key)
     return teacher
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}

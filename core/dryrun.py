@@ -40,7 +40,8 @@ def sample_batch(built: BuiltRun, dataset: Dataset, size: int = DRY_BATCH, split
         try:
             return read_batch(built.task, collate([indexed[i] for i in indices]))
         except BatchError as exc:
-            raise RecipeError(f"dataset {built.recipe.data.name!r}: {exc}", key="data") from None
+            where = "" if split == "train" else f" ({split} split)"
+            raise RecipeError(f"dataset {built.recipe.data.name!r}{where}: {exc}", key="data") from None
         except (TypeError, RuntimeError) as exc:
             detail = " ".join(str(exc).split())[:200]
             raise RecipeError(f"dataset {built.recipe.data.name!r}: its {split} items cannot be batched "
@@ -128,6 +129,37 @@ def _dry_run(built: BuiltRun, student_taps: FeatureTaps, teacher_taps: FeatureTa
     if total is not None and not total.requires_grad:
         raise RecipeError("no loss term depends on the student's outputs, so nothing would be trained "
                           "(a loss must return a tensor connected to out.student)", key="losses")
+    if built.splits.eval is not None and len(built.splits.eval):  # type: ignore[arg-type]
+        _check_eval(built, student_taps, device)
+
+
+def _check_eval(built: BuiltRun, student_taps: FeatureTaps, device: torch.device | str) -> None:
+    """The eval split reads, the student takes it, the task's metrics and the losses' extra heads work on it."""
+    from .outputs import ModelOutputs
+
+    batch = sample_batch(built, built.splits.eval, split="eval").to(device)
+    check_model(built, "student", built.student, batch, key="data")
+    was_training = built.student.training
+    built.student.eval()
+    try:
+        with torch.no_grad():
+            student_taps.take()
+            out = ModelOutputs(built.task.forward(built.student, batch), student_taps.take())
+            try:
+                built.task.eval_batch(out.logits, batch)
+            except Exception as exc:  # noqa: BLE001 - a task's metrics failing on the data is a mismatch
+                raise RecipeError(f"the task cannot evaluate the eval split: {_first_line(exc)}", key="data") from None
+            view = step_outputs(out, None, [], batch, training=False)
+            for i, term in enumerate(built.losses):
+                if not callable(getattr(term.module, "eval_logits", None)):
+                    continue
+                for name, logits in term.module.eval_logits(view).items():
+                    try:
+                        built.task.check_outputs(logits, batch, built.splits)
+                    except ValueError as exc:
+                        raise RecipeError(f"loss {term.label!r}'s extra head {name!r} {exc}", key=f"losses[{i}]") from None
+    finally:
+        built.student.train(was_training)
 
 
 def _student_outputs(built: BuiltRun, batch: Batch, taps: FeatureTaps):

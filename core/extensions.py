@@ -1,9 +1,10 @@
 """Typed extension points: the optional capabilities a plugin object may implement.
 
-Each capability is a ``typing.Protocol``. The engine never looks for a method by name in
-its loop: when a plugin object is built, ``check_extension_points`` matches it against
-every protocol (a half-implemented one is an error naming the missing method), and the
-engine keeps what matched. ``docs/extension-points.md`` documents each of them.
+Each capability is a ``typing.Protocol``. When a plugin object is built,
+``check_extension_points`` matches it against every protocol (a half-implemented one is an
+error naming the missing method); when a run is prepared, the engine collects what each
+object implements once (callback lists, extra heads, batch transforms, stateful objects),
+and its loop only calls those lists. ``docs/extension-points.md`` documents each of them.
 """
 
 from __future__ import annotations
@@ -138,16 +139,30 @@ class TapsFeatures(Protocol):
     teacher_taps: list[str]
 
 
+#: where ``ExtraOutputs`` heads are logged: ``student/exits/<name>/<metric>`` (the keys of kdforge 0.1)
+EXTRA_HEADS_GROUP = "exits"  # kept from kdforge 0.1
+
+
 @runtime_checkable
 class ExtraOutputs(Protocol):
     """A loss that owns extra heads (e.g. early exits) whose outputs are evaluated too.
 
     ``eval_logits`` is called per eval batch of the student; each returned tensor is judged
-    by the task's metrics, logged as ``student/<name>/<metric>``.
+    by the task's metrics, logged as ``student/exits/<name>/<metric>`` per evaluation, and
+    the last values are mappings ``student/exits/<metric>`` (name -> value) in the summary.
     """
 
     def eval_logits(self, out: StepOutputs) -> Mapping[str, torch.Tensor]:
         """Extra logits for one eval batch, by name."""
+        ...
+
+
+@runtime_checkable
+class ReportsScalars(Protocol):
+    """A loss that reports values of its own (a learned temperature, a running margin) in the training log."""
+
+    def scalars(self) -> Mapping[str, float | torch.Tensor]:
+        """Current values by name, logged as ``train/<loss label>/<name>`` at every log interval."""
         ...
 
 
@@ -254,13 +269,14 @@ _PARTS: dict[type, tuple[tuple[str, bool], ...]] = {
     RenamesTaps: (("tap_names", True),),
     ExtraOutputs: (("eval_logits", True),),
     ExportsFiles: (("export", True),),
+    ReportsScalars: (("scalars", True),),
     TransformsBatch: (("transform_batch", True),),
     Generator: (("generate", True),),
 }
 _ROLES: dict[str, tuple[type, ...]] = {
     "teacher": (CompositeTeacher, FollowsStudent, RenamesTaps),
     "student": (RenamesTaps,),
-    "loss": (ExtraOutputs, ExportsFiles, TransformsBatch),
+    "loss": (ExtraOutputs, ExportsFiles, ReportsScalars, TransformsBatch),
     "task": (TransformsBatch,),
     "generator": (Generator,),
 }
@@ -285,6 +301,8 @@ def check_extension_points(obj: Any, role: str, label: str, key: str | None = No
         present = [name for name, _ in parts if _has(obj, name)]
         if protocol is FollowsStudent and present == ["bind"]:
             continue  # BindsStudent alone is a protocol of its own
+        if protocol is CompositeTeacher and isinstance(obj, TeacherWrapper) and not teacher_members(obj.inner):
+            continue  # a wrapper's combine is for when it wraps a composite; around a plain teacher it is unused
         if present and len(present) < len(parts):
             missing = [name for name, _ in parts if name not in present]
             raise PluginError(f"{label} implements {', '.join(present)} of the {protocol.__name__} extension point "
@@ -296,6 +314,10 @@ def check_extension_points(obj: Any, role: str, label: str, key: str | None = No
         members = getattr(obj, "members")
         if not all(isinstance(m, nn.Module) for m in members):
             raise PluginError(f"{label}: members must be torch.nn.Modules (CompositeTeacher extension point)", key=key)
+        if isinstance(obj, TeacherWrapper) and _overrides(obj, "forward") and not _overrides(obj, "combine"):
+            raise PluginError(f"{label} wraps a CompositeTeacher and overrides forward but not combine: in training the "
+                              f"engine runs the members and combine, so the wrapper's forward would be skipped; "
+                              f"override combine too", key=key)
     if role == "loss":
         for side in ("student_taps", "teacher_taps"):
             taps = getattr(obj, side, None)
@@ -311,6 +333,11 @@ def check_extension_points(obj: Any, role: str, label: str, key: str | None = No
                 raise PluginError(f"{label} has a method {name!r}, which is not a lifecycle callback.{hint}", key=key)
         elif not callable(getattr(obj, name)):
             raise PluginError(f"{label}: {name} must be a method (Callback extension point)", key=key)
+
+
+def _overrides(obj: Any, name: str) -> bool:
+    """Whether a ``TeacherWrapper`` subclass defines ``name`` itself."""
+    return any(name in vars(cls) for cls in type(obj).__mro__ if cls not in (TeacherWrapper, nn.Module, object))
 
 
 def _callback_names(obj: Any) -> list[str]:

@@ -24,7 +24,7 @@ from .build import BuiltRun, LossTerm
 from .compose import TEACHER_WEIGHTS
 from .errors import TrainingStopped
 from .evaluation import Evaluator, eval_loader
-from .extensions import CALLBACK_EVENTS, RunContext, callbacks_of, follows_student, teacher_members
+from .extensions import EXTRA_HEADS_GROUP, CALLBACK_EVENTS, RunContext, callbacks_of, follows_student, teacher_members
 from .forward import Models, step_outputs
 from .optim import build_optimizer
 from .outputs import Batch
@@ -34,7 +34,7 @@ from .stats import LossStats, WindowReport
 from .taps import FeatureTaps
 from .tasks import IndexedCollate, IndexedDataset, read_batch
 from .tracking import MetricsFile
-from .weights import load_weights, save_weights
+from .weights import fingerprint, load_weights, save_weights
 
 
 # -- lifecycle --------------------------------------------------------------------------
@@ -84,13 +84,21 @@ class Session:
     weights: list[float] = field(default_factory=list)
     lr: float = 0.0
     transforms: list[Callable[[Batch, RunContext], Batch]] = field(default_factory=list)
-    scheduled_terms: list[LossTerm] = field(default_factory=list)
+    heads: list[nn.Module] = field(default_factory=list)  # ExtraOutputs losses, unwrapped
+    reporters: list[tuple[str, nn.Module]] = field(default_factory=list)  # ReportsScalars losses, unwrapped
+    epochs: int = 1  # the run's length in epochs as it started (what total_steps counts)
+    scheduled_terms: list[tuple[LossTerm, nn.Module]] = field(default_factory=list)
     _plain_backend: bool = False
 
     def __post_init__(self) -> None:
         from accelerate.utils import DistributedType
 
-        self.scheduled_terms = [t for t in self.terms if t.param_schedules]
+        unwrap = self.accelerator.unwrap_model
+        self.scheduled_terms = [(t, unwrap(t.module)) for t in self.terms if t.param_schedules]
+        self.heads = [h for h in map(unwrap, self.loss_modules) if callable(getattr(h, "eval_logits", None))]
+        self.reporters = [(t.label, m) for t, m in zip(self.terms, map(unwrap, self.loss_modules))
+                          if callable(getattr(m, "scalars", None))]
+        self.epochs = max(self.state.total_steps // max(self.steps_per_epoch, 1), 1)
         self._plain_backend = self.accelerator.distributed_type not in (
             DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)
 
@@ -103,23 +111,25 @@ class Session:
         return bool(self.accelerator.is_main_process)
 
     # -- one optimizer step ---------------------------------------------------------
-    def begin_step(self) -> None:
-        """Values that are fixed for one optimizer step: progress, schedules, weights."""
-        state, trainer = self.state, self.recipe.trainer
+    def begin_step(self, window: list[Batch]) -> list[Batch]:
+        """Values that are fixed for one optimizer step (progress, schedules, weights); the window transformed."""
+        state = self.state
         progress = min(state.step / state.total_steps, 1.0)
-        self.position = {"progress": progress, "step": state.step, "epoch": state.epoch, "epochs": trainer.epochs,
+        self.position = {"progress": progress, "step": state.step, "epoch": state.epoch, "epochs": self.epochs,
                          "steps_per_epoch": self.steps_per_epoch, "total_steps": state.total_steps}
-        for term in self.scheduled_terms:
-            term.update(self.accelerator.unwrap_model(term.module), progress)
+        for term, module in self.scheduled_terms:
+            term.update(module, progress)
         self.weights = [term.weight_at(progress) for term in self.terms]
         self.lr = float(self.optimizer.param_groups[0]["lr"])  # the lr this step uses
+        if not self.transforms:
+            return window
+        with torch.no_grad():  # before the weights of the window are taken: a transform may change them
+            for transform in self.transforms:
+                window = [transform(batch, self.run) for batch in window]
+        return window
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Teacher and student forward and every loss term: the weighted total and each term's value."""
-        if self.transforms:
-            with torch.no_grad():
-                for transform in self.transforms:
-                    batch = transform(batch, self.run)
         teacher, teachers = self.models.teacher_view(batch)
         with self.accelerator.autocast():
             out = step_outputs(self.models.student_view(batch), teacher, teachers, batch, **self.position)
@@ -145,7 +155,7 @@ class Session:
         total = stacked.sum()
         if processes > 1:  # DDP averages over processes: weigh by the window's total over all of them
             total = self.accelerator.reduce(total, reduction="sum") / processes
-        return list(stacked / total.clamp_min(1.0))
+        return list(stacked / total.clamp_min(1e-12))
 
     def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Gradients are all-reduced only on the window's last micro-batch."""
@@ -203,7 +213,7 @@ class Session:
 def train_step(s: Session, window: list[Batch]) -> None:
     """One optimizer step: forward and backward over a window of micro-batches, then step."""
     acc, trainer = s.accelerator, s.recipe.trainer
-    s.begin_step()
+    window = s.begin_step(window)
     scales = s.window_scales(window)
     for i, batch in enumerate(window):
         with s.no_sync(last=i == len(window) - 1):
@@ -215,7 +225,7 @@ def train_step(s: Session, window: list[Batch]) -> None:
             s.backward(total if scales is None else total * scales[i])
         s.stats.add(total, values, s.step_tensor, batch.size)
     if trainer.max_grad_norm is not None:
-        acc.clip_grad_norm_(s.clipped, trainer.max_grad_norm)
+        s.stats.add_grad_norm(acc.clip_grad_norm_(s.clipped, trainer.max_grad_norm))
     s.optimizer_step()
     if s.optimizer.step_was_skipped:  # the fp16 grad scaler found inf/nan gradients
         s.state.scaler_skipped_steps += 1
@@ -302,7 +312,8 @@ def log_train(s: Session, epoch: int, bar: Any = None) -> WindowReport:
     report = s.stats.read(s.accelerator, s.interrupted)
     if report.bad_step is not None:
         labels = ["total", *[t.label for t in s.terms]]
-        stop_for_nonfinite(s, report.bad_step, epoch, [n for n, hit in zip(labels, report.bad_terms) if hit])
+        hit = [n for n, bad in zip(labels, report.bad_terms) if bad]
+        stop_for_nonfinite(s, report.bad_step, epoch, hit if hit or not report.bad_gradient else ["gradient"])
     progress = s.position.get("progress", 0.0)
     record: dict[str, Any] = {"step": s.state.step, "epoch": epoch + 1, "train/loss": report.means[0]}
     for term, value, weight in zip(s.terms, report.means[1:], s.weights):
@@ -312,6 +323,9 @@ def log_train(s: Session, epoch: int, bar: Any = None) -> WindowReport:
         for name, schedule in term.param_schedules.items():
             record[f"train/{term.label}/{name}"] = schedule(progress)
     record["train/lr"] = s.lr
+    record.update(reported_scalars(s))
+    if report.grad_norm is not None:
+        record["train/grad_norm"] = report.grad_norm
     record["train/samples_per_second"] = report.samples / report.seconds
     write_record(s, record)
     if bar is not None:
@@ -319,6 +333,19 @@ def log_train(s: Session, epoch: int, bar: Any = None) -> WindowReport:
     if report.interrupted:
         stop_for_interrupt(s, epoch, checked=True)
     return report
+
+
+def reported_scalars(s: Session) -> dict[str, float]:
+    """What ``ReportsScalars`` losses report, as ``train/<label>/<name>`` (one host sync for all of them)."""
+    names, values = [], []
+    for label, module in s.reporters:
+        for name, value in module.scalars().items():
+            names.append(f"train/{label}/{name}")
+            values.append(torch.as_tensor(value, dtype=torch.float32).detach().reshape(()).cpu()
+                          if not isinstance(value, torch.Tensor) else value.detach().float().reshape(()))
+    if not names:
+        return {}
+    return dict(zip(names, torch.stack([v.to(values[0].device) for v in values]).tolist()))
 
 
 def write_record(s: Session, record: dict[str, Any]) -> None:
@@ -333,8 +360,10 @@ def stop_for_nonfinite(s: Session, step: int, epoch: int, terms: list[str]) -> N
     named = [t for t in terms if t != "total"] or ["total"]
     latest = ckpt.latest_checkpoint(s.run_dir)
     kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+    what = ("the gradient (with finite losses)" if named == ["gradient"]
+            else f"loss term {', '.join(repr(t) for t in named)}")
     raise TrainingStopped(
-        f"loss term {', '.join(repr(t) for t in named)} became nan or inf at step {step} (epoch {epoch + 1}); "
+        f"{what} became nan or inf at step {step} (epoch {epoch + 1}); "
         f"stopped, {kept}. Lower the learning rate, clip with trainer.max_grad_norm, or set "
         f"trainer.nonfinite: skip to skip such steps")
 
@@ -382,15 +411,12 @@ def load_checkpoint(s: Session, checkpoint: Path) -> None:
 # -- evaluation and the whole run -----------------------------------------------------------
 def evaluate_epoch(s: Session, epoch: int) -> dict[str, Any]:
     """The student's metrics (and extra heads'), the teacher's when it follows the student."""
-    heads = [s.accelerator.unwrap_model(m) for m in s.loss_modules]
-    heads = [h for h in heads if callable(getattr(h, "eval_logits", None))]
-    results = s.evaluator(s.models.student, s.models.student_taps, heads)
+    results = s.evaluator(s.models.student, s.models.student_taps, s.heads)
     record: dict[str, Any] = {"step": s.state.step, "epoch": epoch + 1}
     record.update({f"student/{k}": v for k, v in results.get("", {}).items()})
     for head, metrics in results.items():
         if head:
             record.update({f"student/{head}/{k}": v for k, v in metrics.items()})
-    s.state.head_metrics = {head: metrics for head, metrics in results.items() if head}
     if follows_student(s.models.teacher):  # a teacher that changes is evaluated every epoch
         s.state.teacher_metrics = s.evaluator(s.models.teacher, s.models.teacher_taps).get("", {})
         record.update({f"teacher/{k}": v for k, v in s.state.teacher_metrics.items()})
@@ -415,6 +441,8 @@ def fit(s: Session) -> dict[str, Any]:
     wall_before, started = s.state.wall_seconds, time.perf_counter()
     evaluate_teacher(s)
     s.run.step, s.run.epoch = s.state.step, s.state.epoch
+    if s.state.history:  # resumed: callbacks see the last evaluation until the next one
+        s.run.metrics = {"step": s.state.step, **s.state.history[-1]}
     s.lifecycle.fire("on_fit_start", s.run)
     for epoch in range(start_epoch, trainer.epochs):
         s.run.epoch = epoch
@@ -450,7 +478,7 @@ def finish(s: Session, wall_seconds: float) -> dict[str, Any]:
     per_process = acc.gather(torch.tensor([s.state.samples_seen], device=acc.device)).tolist()
     final = s.state.history[-1] if s.state.history else {}
     summary: dict[str, Any] = {
-        "name": recipe_name(s), "task": s.built.task_name,
+        "name": s.recipe.name, "task": s.built.task_name,
         "headline": {"metric": task.headline, "higher_is_better": bool(task.higher_is_better)},
         **{k: v for k, v in final.items() if k.startswith("student/")},
         "student/params": count_params(student), "epochs": s.state.epoch, "wall_seconds": round(wall_seconds, 3),
@@ -460,11 +488,14 @@ def finish(s: Session, wall_seconds: float) -> dict[str, Any]:
         "mixed_precision": s.recipe.trainer.mixed_precision, "device": str(acc.device),
     }
     summary.setdefault(f"student/{task.headline}", None)
+    summary.update(head_mappings(final))
     teacher = s.models.teacher
     if teacher is not None:
         summary.update({f"teacher/{k}": v for k, v in (s.state.teacher_metrics or {}).items()})
         summary.setdefault(f"teacher/{task.headline}", None)
         summary["teacher/params"] = count_params(teacher)
+        if not follows_student(teacher):
+            summary["teacher/fingerprint"] = fingerprint(teacher)
         for key in sorted({k for m in s.state.teacher_member_metrics or [] for k in m}):
             summary[f"teacher/members/{key}"] = [m.get(key) for m in s.state.teacher_member_metrics]
     summary.update(data_info(s.built.splits.info))
@@ -484,8 +515,15 @@ def finish(s: Session, wall_seconds: float) -> dict[str, Any]:
     return summary
 
 
-def recipe_name(s: Session) -> str:
-    return s.recipe.name
+def head_mappings(record: dict[str, Any]) -> dict[str, Any]:
+    """``student/exits/<metric>`` mappings (head name -> value) from an evaluation record's flat keys."""
+    prefix = f"student/{EXTRA_HEADS_GROUP}/"
+    mappings: dict[str, dict[str, Any]] = {}
+    for key, value in record.items():
+        if key.startswith(prefix):
+            name, _, metric = key[len(prefix):].rpartition("/")
+            mappings.setdefault(f"{prefix}{metric}", {})[name] = value
+    return mappings
 
 
 def data_info(info: dict[str, Any]) -> dict[str, Any]:
@@ -527,8 +565,13 @@ def stateful_objects(built: BuiltRun) -> dict[str, nn.Module]:
 
 
 def prepare_session(built: BuiltRun, accelerator: Any, run_dir: Path, student_taps: FeatureTaps,
-                    teacher_taps: FeatureTaps | None, state: RunState | None) -> Session:
-    """Prepare models, loaders and optimizer with Accelerate; nothing is read from or written to disk."""
+                    teacher_taps: FeatureTaps | None, state: RunState | None, original_epochs: int | None = None
+                    ) -> Session:
+    """Prepare models, loaders and optimizer with Accelerate; nothing is read from or written to disk.
+
+    ``original_epochs``: for a resumed run whose state does not record its length (kdforge
+    0.1), the epochs its recipe had, so its schedules are not stretched either.
+    """
     from .errors import RecipeError
 
     acc, recipe, trainer = accelerator, built.recipe, built.recipe.trainer
@@ -546,7 +589,7 @@ def prepare_session(built: BuiltRun, accelerator: Any, run_dir: Path, student_ta
     steps_per_epoch = max(math.ceil(len(loader) / trainer.gradient_accumulation_steps), 1)
     state = state or RunState()
     if not state.total_steps:
-        state.total_steps = steps_per_epoch * trainer.epochs
+        state.total_steps = steps_per_epoch * (original_epochs or trainer.epochs)
     points = run_progress(state.total_steps)
     for term in built.losses:
         term.check_schedules(points)  # exactly: every value each schedule takes in this run
@@ -567,7 +610,8 @@ def prepare_session(built: BuiltRun, accelerator: Any, run_dir: Path, student_ta
     run = RunContext(run_dir, acc.unwrap_model(student), teacher, acc, trainer.epochs, steps_per_epoch,
                      state.total_steps)
     trained = [student, *[m for m in loss_modules if any(p.requires_grad for p in m.parameters())]]
-    transforms = [o.transform_batch for o in objects if o is not None and callable(getattr(o, "transform_batch", None))]
+    transformers = [built.task, *[acc.unwrap_model(m) for m in loss_modules]]  # TransformsBatch: the task, then losses
+    transforms = [o.transform_batch for o in transformers if callable(getattr(o, "transform_batch", None))]
     return Session(built, acc, run_dir, models, built.losses, loss_modules, trained, optimizer, scheduler, loader,
                    evaluator, lifecycle, run, state, steps_per_epoch, stateful_objects(built), transforms=transforms)
 

@@ -106,6 +106,11 @@ class Batch(Mapping[str, Any]):
                 extras[name] = value
         return Batch(values["inputs"], values["targets"], values["index"], extras)
 
+    def take(self, n: int) -> "Batch":
+        """The batch's first ``n`` samples (every tensor, list and tuple cut along its first dimension)."""
+        cut = lambda v: take_first(v, n)  # noqa: E731
+        return Batch(cut(self.inputs), cut(self.targets), cut(self.index), {k: cut(v) for k, v in self.extras.items()})
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """The batch with every tensor moved to ``device``."""
         move = lambda v: move_to(v, device, non_blocking)  # noqa: E731
@@ -121,6 +126,19 @@ def move_to(value: Any, device: torch.device | str, non_blocking: bool = False) 
         return {k: move_to(v, device, non_blocking) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(move_to(v, device, non_blocking) for v in value)
+    return value
+
+
+def take_first(value: Any, n: int) -> Any:
+    """The first ``n`` samples of a batched value: tensors and sequences cut, mappings and tuples cut inside."""
+    if isinstance(value, torch.Tensor):
+        return value[:n] if value.ndim else value
+    if isinstance(value, Mapping):
+        return {k: take_first(v, n) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(take_first(v, n) for v in value)
+    if isinstance(value, list):
+        return value[:n]
     return value
 
 

@@ -193,17 +193,18 @@ def run_recipe(
                 if module is not None:
                     module.to(device)
             dry_run(built, student_taps, teacher_taps, device)
-            state, latest = None, None
+            state, latest, original_epochs = None, None, None
             if resume:
                 latest = ckpt.latest_checkpoint(run_dir)
                 ckpt.verify_checkpoint(latest)
-                check_resumable(run_dir, built)
+                original_epochs = check_resumable(run_dir, built)
                 state = read_run_state(latest)
             check_tracking(recipe, run_dir)
             set_seed(recipe.seed, deterministic=False)
-            session = prepare_session(built, accelerator, run_dir, student_taps, teacher_taps, state)
+            session = prepare_session(built, accelerator, run_dir, student_taps, teacher_taps, state, original_epochs)
             stop.session = session
-            session.interrupted = stop.requested
+            if stop.requested:
+                raise TrainingStopped("interrupted before training started; nothing was written", exit_code=130)
             # every check has passed: from here on the run directory is this run's
             if accelerator.is_main_process:
                 lock.acquire()
@@ -225,8 +226,11 @@ def run_recipe(
             lock.release()
 
 
-def check_resumable(run_dir: Path, built: BuiltRun) -> None:
-    """``--resume`` refuses a recipe that changed anything but what may change; notes a new length."""
+def check_resumable(run_dir: Path, built: BuiltRun) -> int | None:
+    """``--resume`` refuses a recipe that changed anything but what may change; notes a new length.
+
+    Returns the epochs the run's own recipe had.
+    """
     from .recipe import load_yaml_file
 
     try:
@@ -238,10 +242,12 @@ def check_resumable(run_dir: Path, built: BuiltRun) -> None:
     if changed:
         raise RecipeError(f"--resume: the recipe differs from the run's own in {', '.join(changed[:8])}; "
                           f"only {', '.join(RESUMABLE_CHANGES)} may change", key=changed[0])
-    before = (saved.get("trainer") or {}).get("epochs")
+    trainer = saved.get("trainer") if isinstance(saved.get("trainer"), dict) else {}
+    before = trainer.get("epochs") if isinstance(trainer.get("epochs"), int) else None
     if before is not None and before != built.recipe.trainer.epochs:
         note(f"trainer.epochs is {built.recipe.trainer.epochs} now, {before} when the run started: schedules keep "
              f"the run's original length (steps past it hold their final values)")
+    return before
 
 
 def resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -317,8 +323,31 @@ def end_trackers(s: Session) -> None:
         wandb.teardown()  # waits for wandb's service to flush the run file, then stops it
 
 
+def from_worker(exc: BaseException) -> BaseException:
+    """An error raised in a DataLoader worker, as it was raised there.
+
+    torch re-raises it in the main process as the same type with its whole traceback as the
+    message ("Caught RecipeError in DataLoader worker process 0. Original Traceback ...");
+    the last line is the original message.
+    """
+    text = str(exc)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return exc
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    name = type(exc).__name__
+    for prefix in (f"kdforge.errors.{name}: ", f"{type(exc).__module__}.{name}: ", f"{name}: "):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+            break
+    try:
+        return type(exc)(last)
+    except Exception:  # noqa: BLE001 - a type that takes other arguments: keep it as torch gave it
+        return exc
+
+
 def actionable(exc: BaseException, recipe: Recipe) -> BaseException:
-    """Out of memory and a full disk become one clear message with what to change."""
+    """Out of memory and a full disk become one clear message with what to change; worker errors are unwrapped."""
+    exc = from_worker(exc)
     trainer = recipe.trainer
     if isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
         return TrainingStopped(

@@ -25,7 +25,6 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     teacher_metrics: dict[str, Any] | None = None
     teacher_member_metrics: list[dict[str, Any]] | None = None
-    head_metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The state as JSON-ready data."""
@@ -50,7 +49,7 @@ class RunState:
 
 
 _KINDS: dict[str, Any] = {"wall_seconds": (int, float), "history": list, "teacher_member_metrics": list,
-                          "teacher_metrics": dict, "head_metrics": dict}
+                          "teacher_metrics": dict}
 
 
 def _fits(name: str, value: Any) -> bool:

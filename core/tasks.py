@@ -24,10 +24,11 @@ class TaskBase:
     """Defaults for a task plugin: subclass it and implement the metrics.
 
     Items are read as ``(inputs, targets)`` pairs, bare inputs (no labels), or mappings
-    with an ``inputs`` key, an optional ``targets`` key and extra fields by name. A tuple
-    of three or more is refused (name the fields with a mapping instead), as is a mapping
-    without ``inputs`` or with a field called ``index`` (the engine's). The model is
-    called as ``model(batch.inputs)``; an output with a ``logits`` attribute (Hugging Face
+    with an ``inputs`` key, an optional ``targets`` key and extra fields by name; a mapping
+    without ``inputs`` is the inputs as a whole (kdforge 0.1 did the same). A tuple of three
+    or more is refused (name the fields with a mapping instead), as is a mapping with
+    ``targets`` but no ``inputs``, or with a field called ``index`` (the engine's). The model
+    is called as ``model(batch.inputs)``; an output with a ``logits`` attribute (Hugging Face
     models) gives its logits. A batch weighs its number of samples.
     """
 
@@ -37,9 +38,11 @@ class TaskBase:
     def to_batch(self, item: Any) -> Batch:
         """A collated item as a ``Batch``."""
         if isinstance(item, Mapping):
+            if "inputs" not in item and "targets" in item:
+                raise BatchError(f"its items are mappings with the keys {sorted(map(str, item))}: 'targets' without "
+                                 "'inputs'; name what the model takes 'inputs'")
             if "inputs" not in item:
-                raise BatchError(f"its items are mappings with the keys {sorted(map(str, item))}; "
-                                 "a mapping item needs an 'inputs' key (and optionally 'targets')")
+                return Batch(dict(item))
             if "index" in item:
                 raise BatchError("its items have an 'index' field; kdforge adds each sample's index itself, "
                                  "so rename that field")
@@ -68,7 +71,7 @@ class TaskBase:
 
     def batch_weight(self, batch: Batch) -> int | torch.Tensor:
         """The batch's samples."""
-        return batch.size
+        return int(batch.index.numel()) if batch.index is not None else batch.size
 
     def has_labels(self, batch: Batch) -> bool:
         """Whether any sample of the batch has a label (the dry run looks for one)."""
@@ -107,9 +110,11 @@ class IndexedDataset(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[int, Any]:
+        # a negative index -1 - i is sample i repeated to pad an evaluation shard: the batch keeps the mark
+        real = index if index >= 0 else -1 - index
         if self.seed is None:
-            return index, self.base[index]
-        return index, self._seeded(index)
+            return index, self.base[real]
+        return index, self._seeded(real)
 
     def _seeded(self, index: int) -> Any:
         import random

@@ -92,3 +92,17 @@ def save_weights(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor], p
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(plain, str(tmp))
+
+
+def fingerprint(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """A SHA-256 of a model's state dict (names, dtypes, shapes and values): equal weights, equal print."""
+    import hashlib
+
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

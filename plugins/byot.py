@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from kdforge import RecipeError, RunContext, StepOutputs, full_precision, hookimpl, load_student, load_weights, save_weights
+from kdforge import RecipeError, StepOutputs, full_precision, hookimpl, load_student, load_weights, save_weights
 from kdforge.plugins.losses import kd_divergence, masked_cross_entropy
 
 EXPORT_DIR = "early_exits"
@@ -117,12 +117,8 @@ class BeYourOwnTeacher(nn.Module):
         return total
 
     def eval_logits(self, out: StepOutputs) -> dict[str, torch.Tensor]:
-        """Each shallow exit's logits (as ``exits/<tap>``), so every exit's metrics are reported."""
-        return {f"exits/{tap}": logits for tap, _, logits in self._exits(out)}
-
-    def on_fit_end(self, run: RunContext) -> dict[str, Any]:
-        """The last evaluation's exit accuracies, as one mapping in the summary."""
-        return {"student/exits/accuracy": {tap: run.metrics.get(f"student/exits/{tap}/accuracy") for tap in self.taps}}
+        """Each shallow exit's logits, by tap, so every exit's metrics are reported (``student/exits/<tap>/...``)."""
+        return {tap: logits for tap, _, logits in self._exits(out)}
 
     def export(self, student: nn.Module, run_dir: Path) -> None:
         """Write each exit's head (weights and shape) under ``early_exits/`` for ``early_exit``."""

@@ -56,11 +56,37 @@ Stats = Annotated[list[float], Field(min_length=3, max_length=3)]
 
 
 # -- digits -----------------------------------------------------------------------------
+class ShiftedDigits(Dataset):
+    """Images shifted by a random offset of up to ``shift`` pixels in each direction (zeros fill in)."""
+
+    def __init__(self, base: TensorPairs, shift: int) -> None:
+        self.base, self.shift = base, shift
+        self.targets = base.targets
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, target = self.base[index]
+        dy, dx = (torch.randint(-self.shift, self.shift + 1, (2,))).tolist()
+        return shift_image(image, dy, dx), target
+
+
+def shift_image(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``image`` (C, H, W) moved down by ``dy`` and right by ``dx`` pixels, zeros where it leaves."""
+    out = torch.zeros_like(image)
+    h, w = image.shape[-2:]
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        image[..., max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
 def digits(
     labeled: Labeled = None,
     drop_unlabeled: bool = False,
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3,
     split_seed: Seed = 0,
+    shift: Annotated[int, Field(ge=0, le=4)] = 0,
 ) -> DataSplits:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes, no download).
 
@@ -68,6 +94,8 @@ def digits(
     gives 1257 train / 540 eval images at the defaults. Pixels are scaled to [0, 1]; inputs have shape (1, 8, 8).
     ``labeled=N`` keeps the labels of N class-balanced training images (picked from
     ``split_seed``), the rest get -1; ``drop_unlabeled`` removes those. Eval keeps all labels.
+    ``shift=k`` augments the train split: each image moves by a random offset of up to k pixels
+    in each direction (a random crop of the zero-padded image), drawn anew every epoch.
     """
     from sklearn.datasets import load_digits
 
@@ -76,11 +104,13 @@ def digits(
     train_idx, eval_idx = stratified_split(data.target, test_fraction, split_seed)
     train = TensorPairs(torch.from_numpy(np.ascontiguousarray(images[train_idx])), data.target[train_idx].tolist())
     eval_split = TensorPairs(torch.from_numpy(np.ascontiguousarray(images[eval_idx])), data.target[eval_idx].tolist())
+    augmented = ShiftedDigits(train, shift) if shift else train
     return DataSplits(
-        train=with_labeled(train, train.targets, labeled, drop_unlabeled, split_seed),
+        train=with_labeled(augmented, train.targets, labeled, drop_unlabeled, split_seed),
         eval=eval_split,
         num_classes=10,
         input_shape=(1, 8, 8),
+        random_transforms=bool(shift),
     )
 
 
@@ -207,6 +237,7 @@ def image_folder(
         num_classes=len(train.classes),
         input_shape=(3, image_size, image_size),
         info=info,
+        random_transforms=augment,
     )
 
 

@@ -203,6 +203,10 @@ class CurriculumTemperatureKD(nn.Module):
         log_p = F.log_softmax(teacher.float() / t, dim=-1)
         return kl_rows(log_p, log_q).mean() * t * t
 
+    def scalars(self) -> dict[str, torch.Tensor]:
+        """The current temperature, logged as ``train/ctkd/temperature`` at every log interval."""
+        return {"temperature": self.temperature_of(self.theta.detach())}
+
     def on_epoch_end(self, run: RunContext) -> None:
         """Keep the temperature reached at the end of each epoch for the summary."""
         self.history.append(round(self.temperature, 6))

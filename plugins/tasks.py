@@ -32,9 +32,12 @@ class Classification(TaskBase):
                              f"so (batch, {expected}) was expected")
         targets = batch.targets
         if targets is not None:
-            if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.ndim != 1:
+            integral = isinstance(targets, torch.Tensor) and (
+                not targets.dtype.is_floating_point or bool((targets == targets.round()).all()))
+            if not integral or targets.ndim != 1:
                 got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
-                raise ValueError(f"classification needs one integer class index per sample as targets, got {got}")
+                raise ValueError(f"classification needs one class index per sample as targets (integers, or floats "
+                                 f"with integer values), got {got}")
 
     def has_labels(self, batch: Batch) -> bool:
         """Whether any target is a class index (not ``UNLABELED``)."""

@@ -285,6 +285,7 @@ def cifar(
         eval=eval_split,
         num_classes=len(train.classes),
         input_shape=(3, 32, 32),
+        random_transforms=augment,
     )
 
 

@@ -577,6 +577,17 @@ def test_pixels_that_fail_to_decode_are_one_line_mid_training(tmp_path: Path, ca
                           "or set on_bad_image: skip")
 
 
+def test_pixels_that_fail_to_decode_in_a_worker_process_are_one_line_too(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    # torch re-raises a worker's error with the worker's whole traceback as its message
+    write_images(tmp_path, per_class=6)
+    bad = tmp_path / "train" / "dog" / "3a.png"
+    bad.write_bytes(corrupt_pixels_png())
+    code, err = cli(capsys, "run", str(write_recipe(tmp_path, image_data(tmp_path), epochs=1, num_workers=1)))
+    line = assert_one_line_error(code, err, f"image '{bad}' cannot be read: OSError: broken data stream")
+    assert "Caught" not in line and "worker" not in line
+
+
 def test_pixels_that_fail_to_decode_are_replaced_when_skipping(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_images(tmp_path, per_class=6)
     bad = tmp_path / "train" / "dog" / "3a.png"

@@ -58,3 +58,21 @@ def test_two_processes_split_the_data(tmp_path: Path, digits_teacher: Path) -> N
     steps = [m["step"] for m in metrics if "train/loss" in m]
     assert steps == sorted(set(steps))
     assert (tmp_path / "run" / "checkpoints" / "epoch-0002" / "random_states_1.pkl").exists()
+
+
+@pytest.mark.slow
+def test_an_eval_split_smaller_than_the_process_count(tmp_path: Path) -> None:
+    # one eval sample for two processes: one shard holds only padding, and the DDP-wrapped
+    # student (with BatchNorm buffers) must still run the same forward passes on both
+    recipe = base_recipe(
+        tmp_path,
+        data={"name": "synthetic", "params": {"shape": [1, 8, 8], "num_classes": 10, "train_size": 128, "eval_size": 1}},
+        student={"name": "small_cnn", "params": {"channels": [8, 16]}},
+        trainer={"epochs": 2, "batch_size": 32, "progress_bar": False},
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = launch(path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["student/accuracy"] in (0.0, 1.0)  # the one sample, counted once

@@ -166,6 +166,12 @@ class Sharpened(kdforge.TeacherWrapper):
     def forward(self, inputs):
         return self.factor * self.inner(inputs)
 
+    def combine(self, outputs, targets):
+        """Around a teacher of several members: the engine runs the members, then this."""
+        view = self.inner.combine(outputs, targets)
+        return kdforge.ModelOutputs(self.factor * view.logits, view.features,
+                                    lambda t: view.log_probs(t / self.factor))  # sharper = a lower temperature
+
 
 class CountTeachers(torch.nn.Module):
     def __init__(self) -> None:
@@ -192,6 +198,20 @@ def test_a_wrapping_teacher_passes_on_what_it_wraps(tmp_path: Path, digits_teach
                                       trainer={"epochs": 1, "batch_size": 256, "progress_bar": False}))
     weights = load_file(str(tmp_path / "ema/run/teacher.safetensors"))
     assert "inner.num_updates" in weights and int(weights["inner.num_updates"]) == summary["train/steps"]
+    # a wrapper that changes forward but not combine around an ensemble would be skipped in training
+    class ForwardOnly(kdforge.TeacherWrapper):
+        def __init__(self, teacher: dict, num_classes: int | None = None, in_channels: int | None = None,
+                     input_shape: list[int] | None = None) -> None:
+            context = kdforge.BuildContext(num_classes, in_channels, tuple(input_shape) if input_shape else None)
+            super().__init__(kdforge.build_teacher(teacher, context, key=".teacher"))
+
+        def forward(self, inputs):
+            return 2 * self.inner(inputs)
+
+    plugin(teachers={"forward_only": ForwardOnly})
+    with pytest.raises(kdforge.PluginError, match="overrides forward but not combine"):
+        kdforge.validate(base_recipe(tmp_path / "fo", teacher={"name": "forward_only", "params": {
+            "teacher": _ensemble_spec(digits_teacher)}}, losses=[{"name": "kd"}]), dry_run=True)
     # an error inside the wrapped teacher names the whole path
     with pytest.raises(kdforge.RecipeError, match=r"^teacher\.params\.teacher\.params\.path: no run directory"):
         kdforge.validate(base_recipe(tmp_path / "bad", teacher={"name": "sharpened", "params": {"teacher": {
@@ -332,3 +352,151 @@ def test_what_a_dataset_reports_in_info_reaches_the_summary(tmp_path: Path, plug
         kdforge.unregister_plugin(obj)
     assert summary["data/skipped_files"] == {"train": 2, "eval": 0}
     assert "data/tokenizer" not in summary  # not JSON: left out
+
+
+# -- review findings -------------------------------------------------------------------------------
+class TripleEval(torch.utils.data.Dataset):
+    """Eval items that are 3-tuples: a mismatch only the eval split has."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        return torch.zeros(1, 8, 8), 0, i
+
+
+def test_the_dry_run_checks_the_eval_split_too(tmp_path: Path) -> None:
+    from kdforge.plugins.datasets import digits
+
+    class Plugin:
+        @kdforge.hookimpl
+        def register_datasets(self, register):
+            def odd_eval() -> kdforge.DataSplits:
+                splits = digits()
+                splits.eval = TripleEval()
+                return splits
+
+            register("odd_eval", odd_eval)
+
+    obj = Plugin()
+    kdforge.register_plugin(obj, name="odd-eval-test")
+    try:
+        with pytest.raises(kdforge.RecipeError, match=r"^data: dataset 'odd_eval' \(eval split\): its items are 3-tuples"):
+            kdforge.validate(base_recipe(tmp_path, data={"name": "odd_eval"}), dry_run=True)
+    finally:
+        kdforge.unregister_plugin(obj)
+
+
+class OldStyleHeads(torch.nn.Module):
+    """A loss written against kdforge 0.1: an extra head whose name has no slash."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(10, 10)
+
+    def forward(self, out: kdforge.StepOutputs) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.head(out.student.logits.float()), out.targets.clamp_min(0))
+
+    def eval_logits(self, out: kdforge.StepOutputs) -> dict[str, torch.Tensor]:
+        return {"aux": self.head(out.student.logits.float())}
+
+
+def test_extra_heads_keep_the_keys_of_kdforge_0_1(tmp_path: Path, plugin) -> None:
+    plugin(losses={"old_heads": OldStyleHeads})
+    summary = kdforge.run(base_recipe(tmp_path, losses=[{"name": "ce"}, {"name": "old_heads"}],
+                                      trainer={"epochs": 2, "batch_size": 256, "progress_bar": False}))
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "student/accuracy" in r]
+    assert all("student/exits/aux/accuracy" in r for r in evals)
+    assert summary["student/exits/accuracy"] == {"aux": evals[-1]["student/exits/aux/accuracy"]}
+
+
+def test_a_resumed_finished_run_keeps_its_head_metrics(tmp_path: Path) -> None:
+    recipe = base_recipe(tmp_path, student={"name": "small_cnn", "params": {"channels": [8, 16]}},
+                         losses=[{"name": "byot", "params": {"taps": ["features.0"], "deep_tap": "features.1"}}],
+                         trainer={"epochs": 1, "batch_size": 256, "progress_bar": False})
+    first = kdforge.run(recipe)
+    again = kdforge.run(recipe, resume=True)  # nothing left to train: export and summary again
+    assert again["student/exits/accuracy"] == first["student/exits/accuracy"]
+    assert first["student/exits/accuracy"]["features.0"] is not None
+
+
+def test_load_teacher_refuses_a_teacher_whose_run_was_retrained(tmp_path: Path, digits_teacher: Path) -> None:
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(digits_teacher, teacher)
+    kdforge.run(base_recipe(tmp_path, teacher={"name": "checkpoint", "params": {"path": str(teacher)}},
+                            losses=[{"name": "kd"}], trainer={"epochs": 1, "batch_size": 256, "progress_bar": False}))
+    assert isinstance(kdforge.load_teacher(tmp_path / "run"), torch.nn.Module)
+    weights = load_file(str(teacher / "student.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(teacher / "student.safetensors"))  # "retrained"
+    with pytest.raises(kdforge.RecipeError, match="not the one that run distilled from"):
+        kdforge.load_teacher(tmp_path / "run")
+
+
+def test_float_class_indices_are_still_accepted(tmp_path: Path) -> None:
+    from kdforge.plugins.datasets import digits
+
+    class FloatTargets(torch.utils.data.Dataset):
+        def __init__(self, base) -> None:
+            self.base = base
+
+        def __len__(self) -> int:
+            return len(self.base)
+
+        def __getitem__(self, i: int):
+            x, y = self.base[i]
+            return x, float(y)  # 3.0 for class 3, as from a float numpy array
+
+    class Plugin:
+        @kdforge.hookimpl
+        def register_datasets(self, register):
+            def float_digits() -> kdforge.DataSplits:
+                splits = digits()
+                return kdforge.DataSplits(FloatTargets(splits.train), FloatTargets(splits.eval), 10, (1, 8, 8))
+
+            register("float_digits", float_digits)
+
+    obj = Plugin()
+    kdforge.register_plugin(obj, name="float-test")
+    try:
+        summary = kdforge.run(base_recipe(tmp_path, data={"name": "float_digits"},
+                                          trainer={"epochs": 2, "batch_size": 128, "progress_bar": False}))
+    finally:
+        kdforge.unregister_plugin(obj)
+    assert summary["student/accuracy"] > 0.5
+
+
+def test_a_mapping_item_without_inputs_is_the_inputs_as_a_whole() -> None:
+    task = kdforge.TaskBase()
+    batch = task.to_batch({"input_ids": torch.ones(2, 3), "attention_mask": torch.ones(2, 3)})
+    assert set(batch.inputs) == {"input_ids", "attention_mask"} and batch.targets is None
+    from kdforge.tasks import BatchError
+
+    with pytest.raises(BatchError, match="'targets' without 'inputs'"):
+        task.to_batch({"x": torch.ones(2), "targets": torch.ones(2)})
+
+
+class WrongHeadline(kdforge.TaskBase):
+    headline = "acuracy"
+
+    def eval_result(self, sums):
+        return {"accuracy": None}
+
+
+def test_a_task_whose_headline_is_not_one_of_its_metrics_is_refused(tmp_path: Path) -> None:
+    class Plugin:
+        @kdforge.hookimpl
+        def register_tasks(self, register):
+            register("wrong_headline", WrongHeadline)
+
+    obj = Plugin()
+    kdforge.register_plugin(obj, name="headline-test")
+    try:
+        with pytest.raises(kdforge.RecipeError, match=r"^task: task 'wrong_headline' leads with 'acuracy'"):
+            kdforge.validate(base_recipe(tmp_path, task={"name": "wrong_headline"}), dry_run=True)
+    finally:
+        kdforge.unregister_plugin(obj)

@@ -3,6 +3,8 @@ independent float64 re-implementations of the papers' formulas (plain numpy loop
 
 from __future__ import annotations
 
+import json
+
 import math
 from pathlib import Path
 
@@ -349,3 +351,6 @@ def test_dkd_and_ctkd_train_on_digits(tmp_path: Path, digits_teacher: Path) -> N
         assert summary["student/accuracy"] is not None
         if name == "ctkd":
             assert 1.0 <= summary["ctkd/temperature"] <= 21.0
+            logged = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            temperatures = [r["train/ctkd/temperature"] for r in logged if "train/ctkd/temperature" in r]
+            assert temperatures and all(1.0 <= t <= 21.0 for t in temperatures)  # logged at every interval

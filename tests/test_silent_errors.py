@@ -264,3 +264,26 @@ def test_another_precision_in_the_same_process_is_a_clear_recipe_error(tmp_path:
     assert "REFUSED trainer.mixed_precision:" in result.stdout, result.stderr[-2000:]
     assert not (tmp_path / "b/run").exists()
     assert yaml.safe_load((tmp_path / "a/run/recipe.yaml").read_text())["trainer"]["epochs"] == 1
+
+
+def test_resuming_a_0_1_checkpoint_with_more_epochs_keeps_its_schedules(tmp_path: Path) -> None:
+    # a state of kdforge 0.1 records no total_steps: the run's length comes from its own recipe
+    kdforge.run(_lr_recipe(tmp_path, 2))
+    for state_file in (tmp_path / "run/checkpoints").glob("*/kdforge_state.json"):
+        state = json.loads(state_file.read_text())
+        del state["total_steps"]
+        state_file.write_text(json.dumps(state))
+    kdforge.run(_lr_recipe(tmp_path, 4), resume=True)
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    after = [r["train/lr"] for r in records if "train/lr" in r and r["step"] > 10]
+    assert after and all(lr == pytest.approx(0.01) for lr in after)
+
+
+def test_a_nonfinite_gradient_with_finite_losses_stops_the_run(tmp_path: Path, overflow_plugin) -> None:
+    _InfGradient.armed = True
+    recipe = base_recipe(tmp_path, losses=[{"name": "overflowing"}],
+                         trainer={"epochs": 1, "batch_size": 256, "progress_bar": False, "max_grad_norm": 1.0})
+    from kdforge.errors import TrainingStopped
+
+    with pytest.raises(TrainingStopped, match=r"the gradient \(with finite losses\) became nan or inf at step 1 "):
+        kdforge.run(recipe)
