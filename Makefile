@@ -7,7 +7,7 @@ TORCH_PINS := "torch==2.14.1" "torchvision==0.29.1"
 KDFORGE := $(BIN)/kdforge
 RUN := $(KDFORGE) run --overwrite
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test zoo install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: $(VENV)/.installed
 	$(RUN) recipes/digits/kd.yaml
 	@echo
 	$(KDFORGE) compare runs/digits-teacher runs/digits-student runs/digits-kd
+
+## Every method's digits recipe with 3 seeds, mean +- std against the student alone and plain kd (minutes).
+zoo: $(VENV)/.installed
+	$(BIN)/python benchmarks/zoo.py --seeds 0 1 2
 
 ## Run the whole test suite.
 test: $(VENV)/.installed-dev
