@@ -8,6 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from .augment import (
+    Augmentation,
+    Chain,
+    HorizontalFlip,
+    RandomCrop,
+    RandomResizedCrop,
+    RandomShift,
+    ReplayableDataset,
+)
 from .compose import (
     BuildContext,
     build_plugin,
@@ -28,6 +37,7 @@ from .extensions import (
     Generator,
     NeedsTeacher,
     RenamesTaps,
+    ReplaysAugmentation,
     ReportsScalars,
     RunContext,
     TapsFeatures,
@@ -46,22 +56,30 @@ from .weights import load_state_dict, load_weights, save_weights
 __version__ = "0.2.0"
 
 __all__ = [
+    "Augmentation",
     "Batch",
     "BindsStudent",
     "BuildContext",
     "Callback",
+    "Chain",
     "CompositeTeacher",
     "DataSplits",
     "ExportsFiles",
     "ExtraOutputs",
     "FollowsStudent",
     "Generator",
+    "HorizontalFlip",
     "ModelOutputs",
     "NeedsTeacher",
     "PartiallyLabeled",
     "PluginError",
+    "RandomCrop",
+    "RandomResizedCrop",
+    "RandomShift",
     "RecipeError",
     "RenamesTaps",
+    "ReplayableDataset",
+    "ReplaysAugmentation",
     "ReportsScalars",
     "RunContext",
     "StepOutputs",
@@ -103,7 +121,9 @@ def run(recipe: Any, overrides: Any = None, **options: Any) -> dict:
     """Run a recipe (a path or a mapping) and return its summary (as in ``summary.json``).
 
     ``overrides`` is a list of ``"key.path=value"`` strings or a mapping of key paths
-    to values. Keyword options: ``output_dir``, ``resume``, ``overwrite``.
+    to values. Keyword options: ``output_dir``, ``resume``, ``overwrite``, and ``callbacks``
+    (objects with lifecycle methods such as ``on_epoch_end(run)``, for this run only; an
+    exception one raises ends the run and reaches the caller).
     """
     from .runner import run_recipe
 

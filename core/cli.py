@@ -58,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list the registered plugins")
     plugins.add_argument("--json", action="store_true", help="print JSON")
 
+    cache = sub.add_parser("cache", help="list or clear teacher-output caches")
+    cache_sub = cache.add_subparsers(dest="cache_command", parser_class=_Parser)
+    for name, text in (("list", "list the caches in a cache folder"), ("clear", "delete caches (all, or by fingerprint)")):
+        p = cache_sub.add_parser(name, help=text)
+        p.add_argument("--dir", default=None, help="the cache folder (default: runs/.kdforge-cache)")
+        if name == "list":
+            p.add_argument("--json", action="store_true", help="print JSON")
+        else:
+            p.add_argument("fingerprints", nargs="*", metavar="FINGERPRINT", help="caches to delete (prefixes work)")
+            p.add_argument("--all", action="store_true", help="delete every cache and unfinished build")
+
     compare = sub.add_parser("compare", help="compare finished runs side by side")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     compare.add_argument("--json", action="store_true", help="print JSON")
@@ -236,7 +247,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "compare": cmd_compare}
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``kdforge cache list|clear``."""
+    from .cache import CACHE_DIR_NAME, clear_caches, list_caches
+
+    root = Path(args.dir) if args.dir else Path("runs") / CACHE_DIR_NAME
+    if args.cache_command == "list":
+        caches = list_caches(root)
+        if args.json:
+            emit(json.dumps(caches, indent=2))
+            return EXIT_OK
+        rows = [[c["fingerprint"], c["teacher"], c["data"], c["samples"], c["views"], c["dtype"], c["top_k"] or "-",
+                 f"{c['bytes'] / 2**20:.1f} MiB"] for c in caches]
+        emit(format_table(["fingerprint", "teacher", "data", "samples", "views", "dtype", "top_k", "size"], rows)
+             if rows else f"no caches in {root}")
+        return EXIT_OK
+    if args.cache_command == "clear":
+        if not args.all and not args.fingerprints:
+            raise RecipeError("name the caches to delete (kdforge cache list shows them), or pass --all")
+        removed = clear_caches(root, None if args.all else args.fingerprints)
+        emit(f"removed {len(removed)} cache(s) from {root}" + (f": {', '.join(removed)}" if removed else ""))
+        return EXIT_OK
+    raise RecipeError("kdforge cache needs a command: list or clear (see `kdforge cache --help`)")
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "compare": cmd_compare, "cache": cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

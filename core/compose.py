@@ -80,7 +80,7 @@ def _join(key: str | None, suffix: str) -> str:
 def read_fragment(fragment: Any, key: str | None = None) -> tuple[str, dict[str, Any]]:
     """``(name, params)`` of a ``{name, params}`` mapping, or a ``RecipeError`` naming ``key``."""
     if hasattr(fragment, "model_dump"):
-        fragment = fragment.model_dump()
+        fragment = {k: v for k, v in fragment.model_dump().items() if k in ("name", "params")}
     if not isinstance(fragment, Mapping):
         raise RecipeError(f"expected a plugin reference {{name, params}}, got {type(fragment).__name__}", key=key)
     unknown = sorted(str(k) for k in fragment if k not in ("name", "params"))
@@ -178,7 +178,9 @@ def load_teacher(run_dir: str | os.PathLike[str], *, key: str | None = None) -> 
     path, recipe = _run_recipe(run_dir, key, "student.safetensors")
     if not recipe.get("teacher"):
         raise RecipeError(f"the run in {str(run_dir)!r} had no teacher", key=key)
-    teacher = build_teacher(recipe["teacher"], key=f"teacher of {str(run_dir)!r}")
+    fragment = {k: v for k, v in recipe["teacher"].items() if k != "cache"} if isinstance(recipe["teacher"], Mapping) \
+        else recipe["teacher"]
+    teacher = build_teacher(fragment, key=f"teacher of {str(run_dir)!r}")
     if callable(getattr(teacher, "bind", None)):
         teacher.bind(load_student(path, key=key))
     if follows_student(teacher):

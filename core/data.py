@@ -112,6 +112,31 @@ class PartiallyLabeled(Dataset):
         x, y = self.base[index]
         return x, (int(y) if self.labeled_mask[index] else UNLABELED)
 
+    # ReplaysAugmentation, passed on from an augmented base (labels hidden as in __getitem__)
+    def __getattr__(self, name: str) -> Any:
+        if name in ("augmentation_spec", "draw_augmented", "replay_augmented") and hasattr(self.base, name):
+            return getattr(self, f"_{name}")
+        raise AttributeError(name)
+
+    def _augmentation_spec(self) -> Any:
+        return self.base.augmentation_spec()
+
+    def _draw_augmented(self, index: int, generator: torch.Generator) -> tuple[Any, torch.Tensor]:
+        item, params = self.base.draw_augmented(self._base_index(index), generator)
+        return self._label(index, item), params
+
+    def _replay_augmented(self, index: int, params: torch.Tensor) -> Any:
+        return self._label(index, self.base.replay_augmented(self._base_index(index), params))
+
+    def _base_index(self, index: int) -> int:
+        return int(self.indices[index]) if self.drop else index
+
+    def _label(self, index: int, item: Any) -> Any:
+        if self.drop:
+            return item
+        x, y = item
+        return x, (int(y) if self.labeled_mask[index] else UNLABELED)
+
     @property
     def targets(self) -> list[int]:
         """The labels this wrapper hands out, ``UNLABELED`` where hidden."""

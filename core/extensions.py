@@ -189,6 +189,28 @@ class TransformsBatch(Protocol):
 
 
 @runtime_checkable
+class ReplaysAugmentation(Protocol):
+    """A dataset (a train split) whose random augmentation can be drawn, stored and replayed exactly.
+
+    The teacher cache needs it for augmented data: it stores a few views per sample with
+    their parameters and replays one each epoch (``kdforge.ReplayableDataset`` implements it).
+    """
+
+    def augmentation_spec(self) -> Mapping[str, Any]:
+        """What the augmentation is, as JSON: a different spec is a different cache."""
+        ...
+
+    def draw_augmented(self, index: int, generator: torch.Generator) -> tuple[Any, torch.Tensor]:
+        """The item at ``index`` augmented with parameters drawn from ``generator``, and those parameters
+        (a 1-D float tensor, the same length for every sample)."""
+        ...
+
+    def replay_augmented(self, index: int, params: torch.Tensor) -> Any:
+        """The item at ``index`` augmented with exactly ``params``."""
+        ...
+
+
+@runtime_checkable
 class Generator(Protocol):
     """A ``generator`` plugin: produces new samples from a model (``register_generators``).
 
@@ -272,6 +294,7 @@ _PARTS: dict[type, tuple[tuple[str, bool], ...]] = {
     ReportsScalars: (("scalars", True),),
     TransformsBatch: (("transform_batch", True),),
     Generator: (("generate", True),),
+    ReplaysAugmentation: (("augmentation_spec", True), ("draw_augmented", True), ("replay_augmented", True)),
 }
 _ROLES: dict[str, tuple[type, ...]] = {
     "teacher": (CompositeTeacher, FollowsStudent, RenamesTaps),

@@ -43,11 +43,16 @@ class Models:
     student_taps: FeatureTaps
     teacher_taps: FeatureTaps | None
     autocast: Any  # a callable returning the mixed-precision context
+    classes: int = 0  # size of the outputs' last dimension (for top-k cached outputs)
 
     def teacher_view(self, batch: Batch) -> tuple[ModelOutputs | None, list[ModelOutputs]]:
-        """The teacher outputs for a training step (none without a teacher)."""
+        """The teacher outputs for a training step (none without a teacher; from the cache when it is used)."""
+        from .cache import BATCH_FIELD, teacher_outputs_from_cache
+
         if self.teacher is None:
             return None, []
+        if BATCH_FIELD in batch.extras:
+            return teacher_outputs_from_cache(self.teacher, batch, self.classes)
         with torch.no_grad(), self.autocast():
             return teacher_outputs(self.task, self.teacher, batch, self.teacher_taps)
 

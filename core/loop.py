@@ -84,6 +84,7 @@ class Session:
     weights: list[float] = field(default_factory=list)
     lr: float = 0.0
     transforms: list[Callable[[Batch, RunContext], Batch]] = field(default_factory=list)
+    cache_info: dict[str, Any] = field(default_factory=dict)  # the teacher cache: built or reused, and its cost
     heads: list[nn.Module] = field(default_factory=list)  # ExtraOutputs losses, unwrapped
     reporters: list[tuple[str, nn.Module]] = field(default_factory=list)  # ReportsScalars losses, unwrapped
     epochs: int = 1  # the run's length in epochs as it started (what total_steps counts)
@@ -499,6 +500,8 @@ def finish(s: Session, wall_seconds: float) -> dict[str, Any]:
         for key in sorted({k for m in s.state.teacher_member_metrics or [] for k in m}):
             summary[f"teacher/members/{key}"] = [m.get(key) for m in s.state.teacher_member_metrics]
     summary.update(data_info(s.built.splits.info))
+    if s.cache_info:
+        summary["teacher/cache"] = s.cache_info
     s.run.summary = summary
     if s.is_main:
         weights = s.run_dir / "student.safetensors"
@@ -544,11 +547,11 @@ def data_info(info: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- building the session -------------------------------------------------------------------
-def train_loader(built: BuiltRun) -> DataLoader:
-    """The training split's loader (before Accelerate shards it): shuffled, indexed."""
+def train_loader(built: BuiltRun, cache: Any = None) -> DataLoader:
+    """The training split's loader (before Accelerate shards it): shuffled, indexed (with the teacher cache's rows)."""
     trainer = built.recipe.trainer
-    seed = built.recipe.seed if built.splits.random_transforms else None
-    return DataLoader(IndexedDataset(built.splits.train, seed), batch_size=trainer.batch_size, shuffle=True,
+    seed = built.recipe.seed if built.splits.random_transforms or cache is not None else None
+    return DataLoader(IndexedDataset(built.splits.train, seed, cache), batch_size=trainer.batch_size, shuffle=True,
                       num_workers=trainer.num_workers, drop_last=trainer.drop_last,
                       collate_fn=IndexedCollate(built.splits.collate_fn))
 
@@ -565,8 +568,8 @@ def stateful_objects(built: BuiltRun) -> dict[str, nn.Module]:
 
 
 def prepare_session(built: BuiltRun, accelerator: Any, run_dir: Path, student_taps: FeatureTaps,
-                    teacher_taps: FeatureTaps | None, state: RunState | None, original_epochs: int | None = None
-                    ) -> Session:
+                    teacher_taps: FeatureTaps | None, state: RunState | None, original_epochs: int | None = None,
+                    callbacks: list[Any] | None = None, cache: Any = None) -> Session:
     """Prepare models, loaders and optimizer with Accelerate; nothing is read from or written to disk.
 
     ``original_epochs``: for a resumed run whose state does not record its length (kdforge
@@ -576,7 +579,7 @@ def prepare_session(built: BuiltRun, accelerator: Any, run_dir: Path, student_ta
 
     acc, recipe, trainer = accelerator, built.recipe, built.recipe.trainer
     trainable = [t for t in built.losses if t.trainable]
-    prepared = acc.prepare(built.student, *[t.module for t in trainable], train_loader(built))
+    prepared = acc.prepare(built.student, *[t.module for t in trainable], train_loader(built, cache))
     student, loader = prepared[0], prepared[-1]
     wrapped = dict(zip([id(t) for t in trainable], prepared[1:-1]))
     loss_modules = [wrapped.get(id(t), t.module) for t in built.losses]
@@ -603,10 +606,10 @@ def prepare_session(built: BuiltRun, accelerator: Any, run_dir: Path, student_ta
     evaluator = Evaluator(built.task, None if built.splits.eval is None else eval_loader(
         built.splits.eval, trainer.eval_batch_size or trainer.batch_size, trainer.num_workers,
         acc.process_index, acc.num_processes, built.splits.collate_fn), acc)
-    models = Models(built.task, student, teacher, student_taps, teacher_taps, acc.autocast)
+    models = Models(built.task, student, teacher, student_taps, teacher_taps, acc.autocast, built.splits.num_classes)
     objects = [built.task, built.splits, acc.unwrap_model(student), teacher, *[acc.unwrap_model(m) for m in loss_modules]]
     exporters = [acc.unwrap_model(m) for m in loss_modules if callable(getattr(acc.unwrap_model(m), "export", None))]
-    lifecycle = Lifecycle([o for o in objects if o is not None], teacher, exporters)
+    lifecycle = Lifecycle([o for o in objects if o is not None] + list(callbacks or []), teacher, exporters)
     run = RunContext(run_dir, acc.unwrap_model(student), teacher, acc, trainer.epochs, steps_per_epoch,
                      state.total_steps)
     trained = [student, *[m for m in loss_modules if any(p.requires_grad for p in m.parameters())]]

@@ -43,6 +43,21 @@ class PluginRef(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class CacheSpec(_Strict):
+    """``teacher.cache``: compute the teacher's outputs once and reuse them (see docs/recipes.md)."""
+
+    views: PosInt = 1
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    top_k: PosInt | None = None
+    dir: str | None = None
+
+
+class TeacherRef(PluginRef):
+    """The teacher: a plugin reference, and optionally a cache of its outputs."""
+
+    cache: CacheSpec | None = None
+
+
 class LossRef(PluginRef):
     """A loss term: plugin, params and weight (a number >= 0 or a schedule)."""
 
@@ -108,7 +123,7 @@ class Recipe(_Strict):
     seed: Annotated[int, Field(strict=True, ge=0, lt=2**32)] = 0
     task: PluginRef | None = None
     data: PluginRef
-    teacher: PluginRef | None = None
+    teacher: TeacherRef | None = None
     student: PluginRef
     losses: Annotated[list[LossRef], Field(min_length=1)]
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -128,7 +143,7 @@ class Recipe(_Strict):
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
 
 
-_MODELS = (ScheduledValue, PluginRef, LossRef, OptimizerSpec, TrainerSpec, WandbSpec, TrackingSpec, Recipe)
+_MODELS = (ScheduledValue, PluginRef, CacheSpec, TeacherRef, LossRef, OptimizerSpec, TrainerSpec, WandbSpec, TrackingSpec, Recipe)
 
 
 # -- YAML -----------------------------------------------------------------------------------

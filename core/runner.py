@@ -167,8 +167,13 @@ def run_recipe(
     output_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    callbacks: Any = (),
 ) -> dict[str, Any]:
-    """Validate a recipe, train it, and return its summary (``kdforge.run``)."""
+    """Validate a recipe, train it, and return its summary (``kdforge.run``).
+
+    ``callbacks``: extra objects with lifecycle methods (``on_epoch_end(run)`` ...) for this
+    run, e.g. a sweep's pruner; an exception they raise ends the run and propagates.
+    """
     from accelerate.utils import set_seed
 
     if resume and overwrite:
@@ -200,8 +205,11 @@ def run_recipe(
                 original_epochs = check_resumable(run_dir, built)
                 state = read_run_state(latest)
             check_tracking(recipe, run_dir)
+            cache, cache_info = teacher_cache(built, accelerator, run_dir, teacher_taps)
             set_seed(recipe.seed, deterministic=False)
-            session = prepare_session(built, accelerator, run_dir, student_taps, teacher_taps, state, original_epochs)
+            session = prepare_session(built, accelerator, run_dir, student_taps, teacher_taps, state, original_epochs,
+                                      callbacks=list(callbacks), cache=cache)
+            session.cache_info = cache_info
             stop.session = session
             if stop.requested:
                 raise TrainingStopped("interrupted before training started; nothing was written", exit_code=130)
@@ -263,6 +271,18 @@ def resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: str =
         elif a != b:
             keys.append(path)
     return keys
+
+
+def teacher_cache(built: BuiltRun, accelerator: Any, run_dir: Path, teacher_taps: FeatureTaps | None) -> tuple[Any, dict]:
+    """The teacher cache the recipe asks for (checked, then opened or built), or ``(None, {})``."""
+    spec = built.recipe.teacher.cache if built.recipe.teacher is not None else None
+    if spec is None:
+        return None, {}
+    from .cache import cache_problems, prepare_cache
+
+    transforms = any(callable(getattr(o, "transform_batch", None)) for o in (built.task, *[t.module for t in built.losses]))
+    cache_problems(built, spec, teacher_taps, transforms)
+    return prepare_cache(built, spec, accelerator, run_dir)
 
 
 def read_run_state(checkpoint: Path) -> RunState:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
@@ -96,10 +97,12 @@ class IndexedDataset(Dataset):
     ``set_epoch`` reaches persistent worker processes too.
     """
 
-    def __init__(self, base: Dataset, seed: int | None = None) -> None:
+    def __init__(self, base: Dataset, seed: int | None = None, cache: Any = None) -> None:
         self.base = base
         self.seed = seed
-        self.epoch = torch.zeros(1, dtype=torch.long).share_memory_() if seed is not None else None
+        self.cache = cache  # a TeacherCache: items come with the teacher's stored outputs (and replayed views)
+        needs_epoch = seed is not None or cache is not None
+        self.epoch = torch.zeros(1, dtype=torch.long).share_memory_() if needs_epoch else None
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next items are drawn for."""
@@ -109,12 +112,26 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[int, Any]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         # a negative index -1 - i is sample i repeated to pad an evaluation shard: the batch keeps the mark
         real = index if index >= 0 else -1 - index
+        if self.cache is not None:
+            return self._cached(real)
         if self.seed is None:
             return index, self.base[real]
         return index, self._seeded(real)
+
+    def _cached(self, index: int) -> tuple[int, Any, Any]:
+        """The sample as one of its stored views (replayed exactly), with the teacher's outputs for it."""
+        from .cache import view_of
+
+        cache = self.cache
+        view = view_of(self.seed or 0, int(self.epoch[0]), index, cache.views)
+        if cache.params is not None:
+            item = self.base.replay_augmented(index, torch.from_numpy(np.array(cache.params[index, view])))
+        else:
+            item = self.base[index]
+        return index, item, cache.row(index, view)
 
     def _seeded(self, index: int) -> Any:
         import random
@@ -148,15 +165,23 @@ class IndexedCollate:
     def __init__(self, collate: Callable[[list[Any]], Any] | None = None) -> None:
         self.collate = collate or default_collate
 
-    def __call__(self, samples: Sequence[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
-        index = torch.tensor([i for i, _ in samples], dtype=torch.long)
-        return index, self.collate([item for _, item in samples])
+    def __call__(self, samples: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
+        index = torch.tensor([s[0] for s in samples], dtype=torch.long)
+        collated = self.collate([s[1] for s in samples])
+        if len(samples[0]) == 2:
+            return index, collated
+        return index, collated, default_collate([s[2] for s in samples])  # the teacher's cached outputs
 
 
-def read_batch(task: Any, loaded: tuple[torch.Tensor, Any]) -> Batch:
-    """A loaded ``(index, item)`` pair as the task's ``Batch``, with ``index`` set."""
-    index, item = loaded
-    return task.to_batch(item).replace(index=index)
+def read_batch(task: Any, loaded: tuple[Any, ...]) -> Batch:
+    """A loaded ``(index, item)`` pair as the task's ``Batch``, with ``index`` set (and cached teacher outputs)."""
+    from .cache import BATCH_FIELD
+
+    batch = task.to_batch(loaded[1])
+    if BATCH_FIELD in batch.extras:
+        raise BatchError(f"its items have a field {BATCH_FIELD!r}, which kdforge uses for the teacher cache; rename it")
+    batch = batch.replace(index=loaded[0])
+    return batch.replace(**{BATCH_FIELD: loaded[2]}) if len(loaded) == 3 else batch
 
 
 __all__ = ["BatchError", "IndexedCollate", "IndexedDataset", "TaskBase", "batch_size_of", "read_batch"]

@@ -20,7 +20,9 @@ from torch.utils.data import Dataset
 from kdforge import (
     DataSplits,
     PartiallyLabeled,
+    RandomShift,
     RecipeError,
+    ReplayableDataset,
     TensorPairs,
     balanced_subset,
     hookimpl,
@@ -56,31 +58,6 @@ Stats = Annotated[list[float], Field(min_length=3, max_length=3)]
 
 
 # -- digits -----------------------------------------------------------------------------
-class ShiftedDigits(Dataset):
-    """Images shifted by a random offset of up to ``shift`` pixels in each direction (zeros fill in)."""
-
-    def __init__(self, base: TensorPairs, shift: int) -> None:
-        self.base, self.shift = base, shift
-        self.targets = base.targets
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, target = self.base[index]
-        dy, dx = (torch.randint(-self.shift, self.shift + 1, (2,))).tolist()
-        return shift_image(image, dy, dx), target
-
-
-def shift_image(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """``image`` (C, H, W) moved down by ``dy`` and right by ``dx`` pixels, zeros where it leaves."""
-    out = torch.zeros_like(image)
-    h, w = image.shape[-2:]
-    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        image[..., max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
-    return out
-
-
 def digits(
     labeled: Labeled = None,
     drop_unlabeled: bool = False,
@@ -104,7 +81,7 @@ def digits(
     train_idx, eval_idx = stratified_split(data.target, test_fraction, split_seed)
     train = TensorPairs(torch.from_numpy(np.ascontiguousarray(images[train_idx])), data.target[train_idx].tolist())
     eval_split = TensorPairs(torch.from_numpy(np.ascontiguousarray(images[eval_idx])), data.target[eval_idx].tolist())
-    augmented = ShiftedDigits(train, shift) if shift else train
+    augmented = ReplayableDataset(train, RandomShift(shift)) if shift else train
     return DataSplits(
         train=with_labeled(augmented, train.targets, labeled, drop_unlabeled, split_seed),
         eval=eval_split,
