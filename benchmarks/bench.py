@@ -130,8 +130,11 @@ def make_workload(name: str, args: argparse.Namespace) -> Workload:
 
 
 def result_entry(result: RoundResult) -> dict[str, Any]:
-    return {"samples": result.samples, "seconds": round(result.seconds, 6),
-            "samples_per_second": result.samples_per_second, **result.info}
+    entry = {"samples": result.samples, "seconds": round(result.seconds, 6),
+             "samples_per_second": result.samples_per_second, **result.info}
+    if result.cpu_seconds:
+        entry.update(cpu_seconds=round(result.cpu_seconds, 6), cpu_samples_per_second=result.cpu_samples_per_second)
+    return entry
 
 
 def bench_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -165,7 +168,9 @@ def bench_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
             ways[way]["rounds"].append(result_entry(result))
             if "warning" in result.info:
                 ways[way]["warnings"].append(f"round {r + 1}: {result.info['warning']}")
-            note(f"{name} round {r + 1}/{args.rounds} {way}: {result.samples_per_second:.1f} samples/s")
+            cpu = result.cpu_samples_per_second
+            note(f"{name} round {r + 1}/{args.rounds} {way}: {result.samples_per_second:.1f} samples/s"
+                 + (f" ({cpu:.1f} per CPU second)" if cpu else ""))
     for way in active:
         ways[way]["summary"] = way_summary(ways[way]["rounds"])
     entry: dict[str, Any] = {"source": workload.source, "timed_steps": workload.timed_steps,
@@ -224,6 +229,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        note(f"the machine is busy (load average {load:.1f} on {os.cpu_count()} cores): wall-clock numbers will be "
+             f"noisy, and slow with several threads; the CPU-time column, with --threads 1, is disturbed least")
     results: dict[str, Any] = {"meta": machine_info(args, argv), "workloads": {}}
     for name in args.workloads:
         results["workloads"][name] = bench_workload(name, args)

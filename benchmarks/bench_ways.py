@@ -15,6 +15,10 @@
 Every run is timed from the end of its warm-up steps to its last step; what happens between
 epochs (kdforge's evaluation and checkpoint) is not timed in any way. A round of a way is a
 fresh run from the initial weights, so every round of every way does the same work.
+
+Two clocks: wall time (kdforge's own ``train/samples_per_second`` for the kdforge ways) and
+this process's CPU time over the same spans (a kdforge callback for the kdforge ways). CPU
+time is what other processes on a busy machine disturb least (with one thread).
 """
 
 from __future__ import annotations
@@ -41,13 +45,35 @@ class RoundResult:
     """One run of one way: the timed samples and seconds, and what else it reported."""
 
     samples: int
-    seconds: float
+    seconds: float  # wall
+    cpu_seconds: float | None = None  # this process's CPU time over the same steps
     first_losses: list[float] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def samples_per_second(self) -> float:
         return self.samples / self.seconds
+
+    @property
+    def cpu_samples_per_second(self) -> float | None:
+        return self.samples / self.cpu_seconds if self.cpu_seconds else None
+
+
+class Spans:
+    """Wall and CPU time summed over spans: ``start()`` then ``stop()``, as often as needed."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+        self._started: tuple[float, float] | None = None
+
+    def start(self) -> None:
+        self._started = (time.perf_counter(), time.process_time())
+
+    def stop(self) -> None:
+        if self._started is not None:
+            self.wall += time.perf_counter() - self._started[0]
+            self.cpu += time.process_time() - self._started[1]
+            self._started = None
 
 
 class Unavailable(Exception):
@@ -76,9 +102,10 @@ def timed_epochs(workload: Workload, epoch_batches: Callable[[int], Any], step: 
     ``epoch_batches(epoch)`` gives the epoch's batches (its iterator is made inside the
     timed span, as kdforge's is); ``step(batch)`` does one optimizer step and returns the loss.
     """
-    done, samples, seconds, losses = 0, 0, 0.0, []
+    done, samples, losses, spans = 0, 0, [], Spans()
     for epoch in range(workload.epochs):
-        started = time.perf_counter()
+        if done >= workload.warmup_steps:
+            spans.start()
         for batch in epoch_batches(epoch):
             loss = step(batch)
             done += 1
@@ -87,10 +114,9 @@ def timed_epochs(workload: Workload, epoch_batches: Callable[[int], Any], step: 
             if done > workload.warmup_steps:
                 samples += int(batch[0].shape[0])
             elif done == workload.warmup_steps:
-                started = time.perf_counter()
-        if done > workload.warmup_steps:
-            seconds += time.perf_counter() - started
-    return RoundResult(samples, seconds, [float(v) for v in losses])
+                spans.start()
+        spans.stop()
+    return RoundResult(samples, spans.wall, spans.cpu, [float(v) for v in losses])
 
 
 def hand_written(ref: Reference, keep_losses: int) -> RoundResult:
@@ -217,20 +243,56 @@ def kdforge_throughput(workload: Workload, records: list[dict[str, Any]]) -> tup
     return samples, seconds
 
 
-def kdforge_way(recipe: dict[str, Any], workload: Workload, run_dir: Path, keep_losses: int) -> RoundResult:
-    """``kdforge.run`` end to end; throughput from its own records, after the warm-up interval."""
+class StepClock:
+    """A kdforge callback timing the same spans as ``timed_epochs``: after the warm-up steps, per epoch.
+
+    A span starts when step ``warmup_steps`` ends, or when an epoch has ended (after kdforge's
+    evaluation), and stops at the end of each epoch's last step.
+    """
+
+    def __init__(self, workload: Workload) -> None:
+        self.workload = workload
+        self.spans = Spans()
+
+    def on_step_end(self, run: Any) -> None:
+        step, w = run.step, self.workload
+        if step % w.steps_per_epoch == 0 and step > w.warmup_steps:
+            self.spans.stop()
+        if step == w.warmup_steps:
+            self.spans.start()
+
+    def on_epoch_end(self, run: Any) -> None:
+        if run.step >= self.workload.warmup_steps and run.step < self.workload.epochs * self.workload.steps_per_epoch:
+            self.spans.start()
+
+
+def run_kdforge(recipe: dict[str, Any], run_dir: Path, clock: StepClock) -> tuple[dict[str, Any], bool]:
+    """``kdforge.run`` with the clock as a callback (where this kdforge takes callbacks)."""
     import kdforge
 
+    try:
+        return kdforge.run(recipe, output_dir=run_dir, overwrite=True, callbacks=[clock]), True
+    except TypeError as exc:
+        if "callbacks" not in str(exc):
+            raise
+    return kdforge.run(recipe, output_dir=run_dir, overwrite=True), False
+
+
+def kdforge_way(recipe: dict[str, Any], workload: Workload, run_dir: Path, keep_losses: int) -> RoundResult:
+    """``kdforge.run`` end to end; throughput from its own records, after the warm-up interval."""
     started = time.perf_counter()
-    summary = kdforge.run(recipe, output_dir=run_dir, overwrite=True)
+    clock = StepClock(workload)
+    summary, clocked = run_kdforge(recipe, run_dir, clock)
     wall = time.perf_counter() - started
     records = read_metrics(run_dir)
     samples, seconds = kdforge_throughput(workload, records)
     losses = [r["train/loss"] for r in records[:keep_losses]] if recipe["trainer"]["log_every"] == 1 else []
     info: dict[str, Any] = {"run_seconds": round(wall, 3)}
+    if clocked:  # the callback's wall time over the same spans, which also counts the writing of records
+        info["callback_wall_seconds"] = round(clock.spans.wall, 6)
     if "teacher/cache" in summary:
         info["cache"] = summary["teacher/cache"]
-    return RoundResult(samples, seconds, losses, info)
+    return RoundResult(samples, seconds, clock.spans.cpu if clocked else None, losses, info)
 
 
 def cache_support(workload: Workload, cache_dir: Path) -> str | None:
