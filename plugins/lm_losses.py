@@ -246,7 +246,8 @@ class LMCrossEntropy(nn.Module):
         mask = targets != IGNORE_INDEX
         generated = out.batch.extras.get("generated") if out.batch is not None else None
         if generated is not None:
-            mask = mask & ~generated.reshape(-1, 1).bool()
+            generated = generated.bool()
+            mask = mask & ~(generated if generated.ndim == 2 else generated.reshape(-1, 1))
         flat_targets = targets.reshape(-1)
         return token_mean(ce_rows(logits.shape[-1]), _rows(logits), mask.reshape(-1), [flat_targets], self.chunk_size)
 

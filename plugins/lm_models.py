@@ -98,8 +98,12 @@ class HFCausalLM(nn.Module):
                 if value is not None:
                     setattr(holder, name, int(value))
 
-    def export(self, directory: Path) -> dict[str, str]:
-        """``save_pretrained`` folders under ``directory``: the model (LoRA merged in), and the adapters for LoRA."""
+    def export(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
+        """``save_pretrained`` folders under ``directory``: the model (LoRA merged in), and the adapters for LoRA.
+
+        ``state_dict`` (this wrapper's keys, ``hf.``...) replaces the module's own weights, for
+        sharded models whose full weights were gathered first.
+        """
         written: dict[str, str] = {}
         target = directory / EXPORT_DIR
         if self.lora:
@@ -110,6 +114,9 @@ class HFCausalLM(nn.Module):
                 written["export/base"] = str(directory / BASE_DIR)
             merged = copy.deepcopy(self.hf).merge_and_unload()
             merged.save_pretrained(str(target))
+        elif state_dict is not None:
+            own = {k[len("hf."):]: v for k, v in state_dict.items() if k.startswith("hf.")}
+            self.hf.save_pretrained(str(target), state_dict=own)
         else:
             self.hf.save_pretrained(str(target))
         written["export/hf"] = str(target)
@@ -122,10 +129,21 @@ class HFCausalLM(nn.Module):
         return written
 
     def on_fit_end(self, run: RunContext) -> dict[str, str] | None:
-        """The run's student exports itself (main process); as a teacher it writes nothing."""
-        if run.student is not self or not run.is_main_process:
+        """The run's student exports itself (main process); as a teacher it writes nothing.
+
+        Under FSDP every process first takes part in gathering the full weights (untested on
+        GPUs; LoRA exports are skipped there).
+        """
+        if run.student is not self:
             return None
-        return self.export(Path(run.run_dir))
+        state = None
+        if "FSDP" in str(getattr(run.accelerator, "distributed_type", "")):
+            if self.lora:
+                return {"export/skipped": "LoRA exports under FSDP are not supported yet"} if run.is_main_process else None
+            state = run.accelerator.get_state_dict(self)
+        if not run.is_main_process:
+            return None
+        return self.export(Path(run.run_dir), state)
 
 
 def _config_model(config: dict[str, Any], num_classes: int | None, dtype: torch.dtype) -> nn.Module:
@@ -223,8 +241,11 @@ class HFGenerate:
     ``prompt_completion`` provides), else its first ``prompt_tokens``. Sampling is plain
     ancestral sampling at ``temperature`` (0: greedy), optionally restricted by ``top_k`` /
     ``top_p``; generation stops after ``max_new_tokens`` or at the model's end-of-text token.
-    The result is right-padded, with labels -100 on the prompt and the padding, and a
-    ``generated`` field (True per sample) that tells ``lm_ce`` these targets are not labels.
+    The result is right-padded, with labels -100 on the prompt (unless ``label_prompt``) and
+    the padding, and a ``generated`` field ``(batch, seq)``, aligned with the targets: True
+    where the target token is the model's own sample, which ``lm_ce`` does not train on.
+    ``label_prompt: true`` keeps the prompt's own labels, for prompts cut out of plain text
+    (``prompt_tokens`` on packed blocks), whose tokens are ground truth worth training on.
     """
 
     def __init__(
@@ -234,9 +255,11 @@ class HFGenerate:
         top_k: Annotated[int, Field(ge=1)] | None = None,
         top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0,
         prompt_tokens: Annotated[int, Field(ge=1)] | None = None,
+        label_prompt: bool = False,
     ) -> None:
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.top_k, self.top_p, self.prompt_tokens = top_k, top_p, prompt_tokens
+        self.label_prompt = label_prompt
 
     def _prompt_lengths(self, batch: Batch, lengths: torch.Tensor) -> torch.Tensor:
         if "prompt_length" in batch.extras:
@@ -288,13 +311,18 @@ class HFGenerate:
         out_ids = torch.full((ids.shape[0], total), pad, dtype=ids.dtype, device=ids.device)
         labels = torch.full_like(out_ids, IGNORE_INDEX)
         out_mask = torch.zeros_like(out_ids)
+        sampled = torch.zeros_like(out_ids, dtype=torch.bool)
         for i, (p, n) in enumerate(zip(prompts.tolist(), new_lengths.tolist())):
             out_ids[i, :p] = ids[i, :p]
             out_ids[i, p:p + n] = generated[i, :n]
             labels[i, p:p + n] = generated[i, :n]
+            if self.label_prompt:
+                labels[i, :p] = ids[i, :p]
             out_mask[i, :p + n] = 1
-        extras = {k: v for k, v in batch.extras.items() if k not in ("attention_mask", "prompt_length")}
-        extras["generated"] = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+            sampled[i, p:p + n] = True
+        extras = {k: v for k, v in batch.extras.items() if k not in ("attention_mask", "prompt_length", "generated")}
+        extras["generated"] = torch.zeros_like(sampled)
+        extras["generated"][:, :-1] = sampled[:, 1:]  # aligned with the (shifted) targets
         return lm_batch(out_ids, labels, out_mask, index=batch.index, prompt_length=prompts, **extras)
 
 

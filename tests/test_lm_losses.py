@@ -352,12 +352,13 @@ def test_hidden_mse_projects_and_masks_like_the_logits() -> None:
     torch.testing.assert_close(loss(out), expected)
 
 
-def test_lm_ce_skips_samples_a_generator_produced() -> None:
+def test_lm_ce_skips_the_target_tokens_a_generator_produced() -> None:
     student, _, targets = random_case(14, batch=3)
     out = outputs(student, None, targets)
-    keep = out.batch.replace(generated=torch.tensor([False, True, False]))
-    out.batch = keep
+    generated = torch.zeros_like(targets, dtype=torch.bool)
+    generated[1, 2:] = True
+    out.batch = out.batch.replace(generated=generated)
     value = kdforge.create("loss", "lm_ce")(out)
-    rows = torch.tensor([0, 2])
-    expected = torch.nn.functional.cross_entropy(student[rows].reshape(-1, 11), targets[rows].reshape(-1), ignore_index=-100)
+    kept = targets.masked_fill(generated, -100)
+    expected = torch.nn.functional.cross_entropy(student.reshape(-1, 11), kept.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(value, expected)

@@ -71,14 +71,19 @@ def test_hf_generate_keeps_the_prompt_and_labels_only_the_completion() -> None:
         labeled = (new.targets[i] != IGNORE_INDEX).nonzero().flatten().tolist()
         assert labeled == list(range(p - 1, n - 1))  # (shifted) targets cover exactly the completion
         assert torch.equal(new.targets[i, p - 1:n - 1], new.inputs[i, p:n])
+        assert new.generated[i].nonzero().flatten().tolist() == labeled  # every target here is a sample
         if 0 in new.inputs[i, p:n].tolist():  # stopped at end-of-text
             assert new.inputs[i, n - 1] == 0
     greedy = kdforge.create("generator", "hf_generate", max_new_tokens=4, temperature=0.0)
     assert torch.equal(greedy.generate(model, batch).inputs, greedy.generate(model, batch).inputs)
     with pytest.raises(ValueError, match="prompt_length"):
         greedy.generate(model, task.to_batch(ids))
-    fixed = kdforge.create("generator", "hf_generate", max_new_tokens=3, temperature=0.0, prompt_tokens=6)
-    assert fixed.generate(model, task.to_batch(ids)).prompt_length.tolist() == [6, 6, 6]
+    fixed = kdforge.create("generator", "hf_generate", max_new_tokens=3, temperature=0.0, prompt_tokens=6,
+                           label_prompt=True)
+    cut = fixed.generate(model, task.to_batch(ids))
+    assert cut.prompt_length.tolist() == [6, 6, 6]
+    assert torch.equal(cut.targets[:, :5], ids[:, 1:6])  # the prompt keeps its labels (ground truth)
+    assert not cut.generated[:, :5].any() and cut.generated[:, 5].all()
 
 
 def write_corpus(directory: Path, n: int = 6) -> Path:
