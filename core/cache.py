@@ -79,6 +79,15 @@ class TeacherCache:
     def params(self) -> np.ndarray | None:
         return self.arrays.get("params")
 
+    def rows(self, index: np.ndarray, views: np.ndarray) -> Any:
+        """The stored outputs of many samples at once (collated, as ``row`` of each would be)."""
+        torch_dtype = _DTYPES[self.meta["dtype"]][1]
+        if self.top_k is None:
+            return _tensor(self.arrays["logits"][index, views], torch_dtype)
+        return {"values": _tensor(self.arrays["values"][index, views], torch_dtype),
+                "indices": torch.from_numpy(np.array(self.arrays["indices"][index, views], dtype=np.int64)),
+                "tail": torch.from_numpy(np.array(self.arrays["tail"][index, views], dtype=np.float32))}
+
     def row(self, index: int, view: int) -> Any:
         """The stored outputs of one sample's view (what a batch's ``teacher_cache`` field collates)."""
         torch_dtype = _DTYPES[self.meta["dtype"]][1]

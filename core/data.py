@@ -32,6 +32,12 @@ class TensorPairs(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.inputs[index], self.targets[index]
 
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at ``index`` as one collated batch (what default collation of the items gives)."""
+        if getattr(self, "_target_tensor", None) is None:
+            self._target_tensor = torch.tensor(self.targets, dtype=torch.long)
+        return self.inputs[index], self._target_tensor[index]
+
 
 def stratified_split(targets: Sequence[int], test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Train and eval indices of a stratified split (scikit-learn's ``train_test_split``).
@@ -112,11 +118,18 @@ class PartiallyLabeled(Dataset):
         x, y = self.base[index]
         return x, (int(y) if self.labeled_mask[index] else UNLABELED)
 
-    # ReplaysAugmentation, passed on from an augmented base (labels hidden as in __getitem__)
+    # ReplaysAugmentation and gather, passed on from the base (labels hidden as in __getitem__)
     def __getattr__(self, name: str) -> Any:
-        if name in ("augmentation_spec", "draw_augmented", "replay_augmented") and hasattr(self.base, name):
+        if name in ("augmentation_spec", "draw_augmented", "replay_augmented", "gather") and hasattr(self.base, name):
             return getattr(self, f"_{name}")
         raise AttributeError(name)
+
+    def _gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.drop:
+            return self.base.gather(torch.as_tensor(self.indices, dtype=torch.long)[index])
+        x, y = self.base.gather(index)
+        keep = torch.from_numpy(self.labeled_mask)[index]
+        return x, torch.where(keep, y, torch.full_like(y, UNLABELED))
 
     def _augmentation_spec(self) -> Any:
         return self.base.augmentation_spec()

@@ -235,11 +235,12 @@ def train_step(s: Session, window: list[Batch]) -> None:
 
 
 # -- epochs ---------------------------------------------------------------------------------
-def windows(loader: Any, task: Any, size: int) -> Iterator[list[Batch]]:
+def windows(loader: Any, task: Any, size: int, images_channels_last: bool = False) -> Iterator[list[Batch]]:
     """The loader's batches in groups of ``size`` (the last group of an epoch may be shorter)."""
     window: list[Batch] = []
     for loaded in loader:
-        window.append(read_batch(task, loaded))
+        batch = read_batch(task, loaded)
+        window.append(batch.replace(inputs=channels_last(batch.inputs)) if images_channels_last else batch)
         if len(window) == size:
             yield window
             window = []
@@ -264,7 +265,7 @@ def train_epoch(s: Session, epoch: int, skip_batches: int = 0) -> None:
     bar = progress_bar(s, epoch)
     batches = _keep_rng(iter(loader)) if skip_batches else iter(loader)
     windows_since_log = 0
-    for window in windows(batches, s.built.task, trainer.gradient_accumulation_steps):
+    for window in windows(batches, s.built.task, trainer.gradient_accumulation_steps, trainer.channels_last):
         train_step(s, window)
         s.state.batch_in_epoch += len(window)
         s.state.samples_seen += sum(b.size for b in window)
@@ -552,8 +553,39 @@ def train_loader(built: BuiltRun, cache: Any = None) -> DataLoader:
     trainer = built.recipe.trainer
     seed = built.recipe.seed if built.splits.random_transforms or cache is not None else None
     return DataLoader(IndexedDataset(built.splits.train, seed, cache), batch_size=trainer.batch_size, shuffle=True,
-                      num_workers=trainer.num_workers, drop_last=trainer.drop_last,
-                      collate_fn=IndexedCollate(built.splits.collate_fn))
+                      drop_last=trainer.drop_last, collate_fn=IndexedCollate(built.splits.collate_fn),
+                      **loader_options(trainer))
+
+
+def loader_options(trainer: Any) -> dict[str, Any]:
+    """Worker and pinning options of ``trainer`` for a DataLoader (pinned memory by default with a GPU)."""
+    options: dict[str, Any] = {"num_workers": trainer.num_workers,
+                               "pin_memory": torch.cuda.is_available() if trainer.pin_memory is None else trainer.pin_memory}
+    if trainer.num_workers:
+        options["persistent_workers"] = trainer.persistent_workers
+        if trainer.prefetch_factor is not None:
+            options["prefetch_factor"] = trainer.prefetch_factor
+    return options
+
+
+def channels_last(value: Any) -> Any:
+    """4-d tensors (images) in channels-last memory format; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.ndim == 4:
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+def apply_throughput_options(built: BuiltRun) -> None:
+    """``trainer.channels_last`` (student and teacher) and ``trainer.compile`` (the student, in place)."""
+    trainer = built.recipe.trainer
+    if trainer.channels_last:
+        for model in (built.student, built.teacher):
+            if model is not None:
+                model.to(memory_format=torch.channels_last)
+    if trainer.compile is not None:
+        spec = trainer.compile
+        built.student.compile(mode=None if spec.mode == "default" else spec.mode, backend=spec.backend,
+                              fullgraph=spec.fullgraph, dynamic=spec.dynamic)
 
 
 def stateful_objects(built: BuiltRun) -> dict[str, nn.Module]:
@@ -578,6 +610,7 @@ def prepare_session(built: BuiltRun, accelerator: Any, run_dir: Path, student_ta
     from .errors import RecipeError
 
     acc, recipe, trainer = accelerator, built.recipe, built.recipe.trainer
+    apply_throughput_options(built)
     trainable = [t for t in built.losses if t.trainable]
     prepared = acc.prepare(built.student, *[t.module for t in trainable], train_loader(built, cache))
     student, loader = prepared[0], prepared[-1]

@@ -106,6 +106,7 @@ def describe_error(err: Mapping[str, Any], valid_names: list[str] | None = None)
         valid = f" Valid keys here: {', '.join(valid_names)}." if valid_names else ""
         return f"unknown key.{hint}{valid}"
     msg = re.sub(r" or instance of \w+", "", str(err.get("msg", "invalid value")))
+    msg = msg.removeprefix("Value error, ")  # a validator's own sentence
     return f"{msg[0].lower()}{msg[1:]} (got {_short(err.get('input'))})"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import RecipeError
 from .params import describe_error, loc_to_key
@@ -72,8 +72,17 @@ class OptimizerSpec(_Strict):
     decay_norm_and_bias: bool = False
 
 
+class CompileSpec(_Strict):
+    """``trainer.compile``: ``torch.compile`` the student (in place, so its weights keep their names)."""
+
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    backend: str = "inductor"
+    fullgraph: bool = False
+    dynamic: bool | None = None
+
+
 class TrainerSpec(_Strict):
-    """How to train: epochs, batches, precision, logging and checkpointing."""
+    """How to train: epochs, batches, precision, logging, checkpointing and throughput options."""
 
     epochs: PosInt
     batch_size: PosInt = 64
@@ -88,7 +97,26 @@ class TrainerSpec(_Strict):
     drop_last: bool = False
     progress_bar: bool = True
     nonfinite: Literal["stop", "skip"] = "stop"
+    channels_last: bool = False
+    compile: CompileSpec | None = None
+    pin_memory: bool | None = None
+    persistent_workers: bool = False
+    prefetch_factor: PosInt | None = None
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_true(cls, value: Any) -> Any:
+        # `compile: true` is the default mode, `compile: false` none
+        if value is True:
+            return {}
+        return None if value is False else value
+
+    @field_validator("persistent_workers", "prefetch_factor")
+    @classmethod
+    def _workers_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, False) and info.data.get("num_workers", 0) == 0:
+            raise ValueError("needs worker processes: set trainer.num_workers >= 1 too")
+        return value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -143,7 +171,7 @@ class Recipe(_Strict):
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
 
 
-_MODELS = (ScheduledValue, PluginRef, CacheSpec, TeacherRef, LossRef, OptimizerSpec, TrainerSpec, WandbSpec, TrackingSpec, Recipe)
+_MODELS = (ScheduledValue, PluginRef, CacheSpec, TeacherRef, CompileSpec, LossRef, OptimizerSpec, TrainerSpec, WandbSpec, TrackingSpec, Recipe)
 
 
 # -- YAML -----------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from .tracking import MetricsFile, wandb_init_kwargs
 RESUMABLE_CHANGES = (
     "trainer.epochs", "trainer.log_every", "trainer.keep_checkpoints", "trainer.num_workers",
     "trainer.progress_bar", "trainer.eval_batch_size", "trainer.checkpoint_every", "tracking", "output_dir",
-    "name",
+    "name", "trainer.channels_last", "trainer.compile", "trainer.pin_memory", "trainer.persistent_workers",
+    "trainer.prefetch_factor",
 )
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -112,6 +112,26 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
+    def __getitems__(self, indices: list[int]) -> Any:
+        """A whole batch at once, when the data is in memory (``gather``) and drawn without randomness.
+
+        torch's DataLoader calls this instead of ``__getitem__`` per sample; what it returns goes
+        to ``IndexedCollate`` as it is.
+        """
+        gather = getattr(self.base, "gather", None)
+        if not callable(gather) or self.seed is not None and self.cache is None:
+            return [self[i] for i in indices]
+        index = torch.tensor(indices, dtype=torch.long)
+        real = torch.where(index >= 0, index, -1 - index)
+        if self.cache is None:
+            return Gathered((index, gather(real)))
+        if self.cache.params is not None:  # replayed augmentation: per sample
+            return [self[i] for i in indices]
+        from .cache import view_of
+
+        views = [view_of(self.seed or 0, int(self.epoch[0]), int(i), self.cache.views) for i in real]
+        return Gathered((index, gather(real), self.cache.rows(real.numpy(), np.array(views))))
+
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         # a negative index -1 - i is sample i repeated to pad an evaluation shard: the batch keeps the mark
         real = index if index >= 0 else -1 - index
@@ -159,6 +179,10 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+class Gathered(tuple):
+    """A batch ``IndexedDataset.__getitems__`` gathered at once: already collated."""
+
+
 class IndexedCollate:
     """Collate ``(index, item)`` pairs into ``(LongTensor of indices, collated items)``."""
 
@@ -166,6 +190,8 @@ class IndexedCollate:
         self.collate = collate or default_collate
 
     def __call__(self, samples: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
+        if isinstance(samples, Gathered):
+            return tuple(samples)
         index = torch.tensor([s[0] for s in samples], dtype=torch.long)
         collated = self.collate([s[1] for s in samples])
         if len(samples[0]) == 2:

@@ -278,9 +278,22 @@ def synthetic(
     eval_labels = balanced_labels(int(eval_size))
     # Separate random seed bases keep train and eval samples independent of each other.
     train_seed, eval_seed = torch.randint(0, 2**62, (2,), generator=gen).tolist()
-    train = SyntheticClasses(prototypes, train_labels, noise, train_seed, labeled=not unlabeled)
-    eval_split = SyntheticClasses(prototypes, eval_labels, noise, eval_seed) if eval_size else None
+    train: Dataset = SyntheticClasses(prototypes, train_labels, noise, train_seed, labeled=not unlabeled)
+    eval_split: Dataset | None = SyntheticClasses(prototypes, eval_labels, noise, eval_seed) if eval_size else None
+    train, eval_split = in_memory(train), in_memory(eval_split) if eval_split is not None else None
     return DataSplits(train=train, eval=eval_split, num_classes=num_classes, input_shape=dims)
+
+
+IN_MEMORY_LIMIT = 256 << 20  # bytes of samples held as one tensor (batches then come by index, at once)
+
+
+def in_memory(dataset: SyntheticClasses) -> Dataset:
+    """The same samples as ``TensorPairs`` when they are labeled and fit in ``IN_MEMORY_LIMIT``, else as they are."""
+    size = len(dataset) * dataset.prototypes[0].numel() * 4
+    if not dataset.labeled or size > IN_MEMORY_LIMIT or len(dataset) == 0:
+        return dataset
+    inputs = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return TensorPairs(inputs, dataset.labels)
 
 
 @hookimpl
