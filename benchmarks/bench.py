@@ -7,7 +7,7 @@ fresh run from the same initial weights over the same batches; it is timed after
 warm-up steps. The table gives samples/s min/median/max over the rounds and ratios between
 the ways, each computed round by round. Results: ``<out>/bench.json`` and ``<out>/bench.png``.
 
-Usage: python benchmarks/bench.py [--workloads ...] [--ways ...] [--rounds 5] [--steps 20]
+Usage: python benchmarks/bench.py [--workloads ...] [--ways ...] [--rounds 3] [--steps 15]
        [--digits-epochs 10] [--threads N] [--out runs/bench] [--profile WORKLOAD ...]
 See benchmarks/README.md.
 """
@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=WORKLOADS, choices=WORKLOADS)
     parser.add_argument("--ways", nargs="+", default=WAYS, choices=WAYS)
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per way (after one warm-up round)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round on the CIFAR-shaped workloads "
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per way (after one warm-up round)")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per round on the CIFAR-shaped workloads "
                                                               "(after 3 warm-up steps)")
     parser.add_argument("--digits-epochs", type=int, default=10,
                         help="timed epochs (20 steps each) per round on digits, after one warm-up epoch")

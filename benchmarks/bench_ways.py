@@ -38,6 +38,10 @@ from torch.utils.data import DataLoader
 from bench_workloads import BATCH_SIZE, CE_WEIGHT, KD_WEIGHT, TEMPERATURE, Reference, Workload
 
 FIRST_LOSSES = 3  # losses of the first steps kept from the warm-up round
+#: the warm-up round reseeds torch's RNG before the first step and after each step, the same in
+#: every way: the students' dropout (MobileNetV2's classifier) then draws the same masks, so the
+#: first losses agree exactly. Timed rounds do not reseed.
+RESEED = 1234
 
 
 @dataclass
@@ -101,14 +105,19 @@ def timed_epochs(workload: Workload, epoch_batches: Callable[[int], Any], step: 
 
     ``epoch_batches(epoch)`` gives the epoch's batches (its iterator is made inside the
     timed span, as kdforge's is); ``step(batch)`` does one optimizer step and returns the loss.
+    With ``keep_losses`` (the warm-up round) the RNG is reseeded as ``Reseed`` does in kdforge.
     """
     done, samples, losses, spans = 0, 0, [], Spans()
+    if keep_losses:
+        torch.manual_seed(RESEED)
     for epoch in range(workload.epochs):
         if done >= workload.warmup_steps:
             spans.start()
         for batch in epoch_batches(epoch):
             loss = step(batch)
             done += 1
+            if keep_losses:
+                torch.manual_seed(RESEED + done)
             if len(losses) < keep_losses:
                 losses.append(loss.detach())
             if done > workload.warmup_steps:
@@ -266,12 +275,23 @@ class StepClock:
             self.spans.start()
 
 
-def run_kdforge(recipe: dict[str, Any], run_dir: Path, clock: StepClock) -> tuple[dict[str, Any], bool]:
-    """``kdforge.run`` with the clock as a callback (where this kdforge takes callbacks)."""
+class Reseed:
+    """A kdforge callback for the warm-up round: torch's RNG seeded as ``timed_epochs`` seeds it."""
+
+    def on_fit_start(self, run: Any) -> None:
+        torch.manual_seed(RESEED)
+
+    def on_step_end(self, run: Any) -> None:
+        torch.manual_seed(RESEED + run.step)
+
+
+def run_kdforge(recipe: dict[str, Any], run_dir: Path, clock: StepClock, reseed: bool) -> tuple[dict[str, Any], bool]:
+    """``kdforge.run`` with the clock (and in the warm-up round ``Reseed``) as callbacks, where this kdforge takes them."""
     import kdforge
 
     try:
-        return kdforge.run(recipe, output_dir=run_dir, overwrite=True, callbacks=[clock]), True
+        callbacks = [clock, Reseed()] if reseed else [clock]
+        return kdforge.run(recipe, output_dir=run_dir, overwrite=True, callbacks=callbacks), True
     except TypeError as exc:
         if "callbacks" not in str(exc):
             raise
@@ -282,7 +302,7 @@ def kdforge_way(recipe: dict[str, Any], workload: Workload, run_dir: Path, keep_
     """``kdforge.run`` end to end; throughput from its own records, after the warm-up interval."""
     started = time.perf_counter()
     clock = StepClock(workload)
-    summary, clocked = run_kdforge(recipe, run_dir, clock)
+    summary, clocked = run_kdforge(recipe, run_dir, clock, reseed=keep_losses > 0)
     wall = time.perf_counter() - started
     records = read_metrics(run_dir)
     samples, seconds = kdforge_throughput(workload, records)
