@@ -20,7 +20,7 @@ from torch import nn
 from .compose import BuildContext, build_plugin_with_params, check_plugin
 from .errors import RecipeError
 from .extensions import Task, check_extension_points
-from .optim import build_optimizer
+from .optim import check_optimizer
 from .outputs import DataSplits
 from .params import check_params
 from .recipe import LossRef, PluginRef, Recipe, ScheduledValue
@@ -109,7 +109,7 @@ def check_recipe(recipe: Recipe) -> None:
     lr = recipe.optimizer.params.get("lr")
     if isinstance(lr, dict) and "schedule" in lr:
         check_nonnegative(build_schedule(lr, "optimizer.params.lr"), PROBES, "optimizer.params.lr", "the learning rate")
-    build_optimizer(recipe.optimizer, [nn.Linear(2, 2, bias=False)], total_steps=1)
+    check_optimizer(recipe.optimizer)
 
 
 def check_loss(loss: LossRef, key: str, context: BuildContext) -> LossTerm:

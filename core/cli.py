@@ -328,6 +328,8 @@ def _crash(exc: BaseException) -> int:
 
 def _shutdown_distributed() -> None:
     """Tear the process group down before exit: gloo's threads abort the process otherwise."""
+    if "torch.distributed" not in sys.modules:
+        return  # never imported: no process group (and no reason to import torch now)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

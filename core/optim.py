@@ -51,13 +51,11 @@ def parameter_groups(modules: list[nn.Module], weight_decay: float | None, decay
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(
-    spec: OptimizerSpec, modules: list[nn.Module], total_steps: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimizer over ``modules`` and a LambdaLR that follows the (maybe scheduled) lr.
+def check_optimizer(spec: OptimizerSpec, total_steps: int = 1) -> tuple[type, dict[str, Any], Any]:
+    """The optimizer class, its checked keyword arguments and the lr schedule (or ``None``), without building it.
 
-    The scheduler is stepped once per optimizer step; its multiplier is the lr itself
-    (the groups' base lr is 1) when ``lr`` is a schedule, and 1 otherwise.
+    Building one is left to ``build_optimizer``: the first optimizer a process constructs
+    imports torch's compiler stack, which ``kdforge validate`` need not pay for.
     """
     classes = optimizer_classes()
     cls = classes.get(spec.name.lower())
@@ -73,10 +71,26 @@ def build_optimizer(
         raise RecipeError("only `lr` may follow a schedule here", key=f"optimizer.params.{unknown_schedules[0]}")
     kwargs = check_params(cls, plain, key="optimizer.params", provided_context={"params": []})
     kwargs.pop("params", None)
+    lr = kwargs.get("lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr < 0:
+        raise RecipeError(f"a learning rate must be >= 0 (got {lr})", key="optimizer.params.lr")
     lr_schedule = schedules.get("lr")
     if lr_schedule is not None:
         check_nonnegative(lr_schedule, run_progress(total_steps), "optimizer.params.lr", "the learning rate")
         kwargs["lr"] = 1.0
+    return cls, kwargs, lr_schedule
+
+
+def build_optimizer(
+    spec: OptimizerSpec, modules: list[nn.Module], total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer over ``modules`` and a LambdaLR that follows the (maybe scheduled) lr.
+
+    The scheduler is stepped once per optimizer step; its multiplier is the lr itself
+    (the groups' base lr is 1) when ``lr`` is a schedule, and 1 otherwise. Values only the
+    optimizer's own constructor checks (betas in range, say) are recipe errors here.
+    """
+    cls, kwargs, lr_schedule = check_optimizer(spec, total_steps)
     weight_decay = kwargs.pop("weight_decay", _default_weight_decay(cls))
     groups = parameter_groups(modules, weight_decay, spec.decay_norm_and_bias)
     if not any(g["params"] for g in groups):

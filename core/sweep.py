@@ -473,7 +473,8 @@ def make_storage(sweep: Sweep) -> Any:
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_interval,
                                                   grace_period=sweep.grace_period, heartbeat_stale_trial_callback=retry)
             except Exception as exc:  # noqa: BLE001 - sqlalchemy's OperationalError and friends
-                if attempt == 7 or "already exists" not in str(exc) and "locked" not in str(exc):
+                racing = any(m in str(exc) for m in ("already exists", "locked", "UNIQUE constraint"))
+                if attempt == 7 or not racing:
                     raise RecipeError(f"cannot open the sweep's storage {url!r}: {type(exc).__name__}: "
                                       f"{' '.join(str(exc).split())[:300]}", key="storage") from None
                 time.sleep(0.2 * (attempt + 1))

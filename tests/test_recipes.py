@@ -17,7 +17,7 @@ import yaml
 from kdforge.runner import validate_recipe_source as validate
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if not p.name.startswith("sweep-"))  # sweeps: not recipes
 PRODUCERS = {}
 for _path in RECIPES:
     _recipe = yaml.safe_load(_path.read_text())
