@@ -362,3 +362,11 @@ def test_lm_ce_skips_the_target_tokens_a_generator_produced() -> None:
     kept = targets.masked_fill(generated, -100)
     expected = torch.nn.functional.cross_entropy(student.reshape(-1, 11), kept.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(value, expected)
+
+
+def test_memory_estimate_can_be_asked_for_the_trainer_batch() -> None:
+    student, teacher, targets = random_case(15, batch=2, seq=8, vocab=100)
+    out = outputs(student, teacher, targets)
+    (small,) = kd(chunk_size=64).memory_estimate(out).values()
+    (full,) = kd(chunk_size=64).memory_estimate(out, tokens=16 * 8).values()
+    assert small == 16 * 100 * 4 * 8 and full == 64 * 100 * 4 * 8
