@@ -212,6 +212,12 @@ class ReplayableDataset(Dataset):
         if hasattr(base, "targets"):
             self.targets = base.targets
 
+    def __getattr__(self, name: str) -> Any:
+        # what the base dataset tells about itself (classes, samples, ...) passes through
+        if name.startswith("__") or name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 

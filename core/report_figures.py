@@ -39,6 +39,14 @@ def pyplot() -> Any:
     return plt
 
 
+def save_png(fig: Any, path: Path) -> None:
+    """Write a figure as PNG through a temporary file and a rename (two writers never leave a torn file)."""
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png", metadata={"Software": "kdforge"})
+
+
 def run_color(index: int) -> str:
     """The color of the run at ``index`` (cycling after ten runs)."""
     return RUN_COLORS[index % len(RUN_COLORS)]
@@ -149,8 +157,7 @@ def draw(panels: list[Panel], title: str, path: Path) -> Figure:
     if legend:
         fig.legend(list(legend.values()), list(legend.keys()), loc="outside lower center",
                    ncols=min(len(legend), 4), fontsize=9, frameon=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png", metadata={"Software": "kdforge report"})
+    save_png(fig, path)
     plt.close(fig)
     return Figure(path, title, "", (width, height), [p.title for p in panels])
 
@@ -325,8 +332,7 @@ def tradeoff_figure(runs: list[RunData], path: Path) -> Figure | None:
     ax.margins(x=0.25, y=0.15)
     fig.legend(handles, [labels[i] for i, _ in points], loc="outside lower center", ncols=min(len(points), 4),
                fontsize=9, frameon=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png", metadata={"Software": "kdforge report"})
+    save_png(fig, path)
     plt.close(fig)
     return Figure(path, "Accuracy against model size", "Each run's final headline metric against its student's "
                   "parameter count: up and to the left is better.", (width, height), [metric_title(metric)])

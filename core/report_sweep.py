@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .report_figures import DPI, Figure, _style_axes, figure_pixels, metric_title, pyplot
+from .report_figures import DPI, Figure, _style_axes, figure_pixels, metric_title, pyplot, save_png
 
 if TYPE_CHECKING:
     from .sweep import Param, Sweep
@@ -56,8 +56,7 @@ def _save(plt: Any, fig: Any, ax: Any, path: Path) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 4), fontsize=9, frameon=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png", metadata={"Software": "kdforge sweep"})
+    save_png(fig, path)
     plt.close(fig)
 
 

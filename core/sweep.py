@@ -667,7 +667,8 @@ class Worker:
                     warnings.simplefilter("ignore")
                     optuna.storages.fail_stale_trials(self.study)
             trials = self.study.get_trials(deepcopy=False)
-            if len(budget_trials(trials)) < self.sweep.trials:
+            counted = budget_trials(trials)
+            if len(counted) < self.sweep.trials or any(t.state.name == "WAITING" for t in counted):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     self.study.optimize(self.objective, n_trials=1, catch=(TrialError, Surplus),
@@ -754,14 +755,17 @@ def state_counts(records: list[dict[str, Any]]) -> str:
     return f"{len(records)} trial(s): {parts}" if records else "no trials yet"
 
 
-def finish(sweep: Sweep, study: Any, metric: str, direction: str, out: Callable[[str], None]) -> Path | None:
-    """Print the best trials and write the sweep's report; return the report folder (``None`` without matplotlib)."""
+def finish(sweep: Sweep, study: Any, metric: str, direction: str, out: Callable[[str], None],
+           report: bool = True) -> Path | None:
+    """Print the best trials and write the sweep's report; return the report folder (``None`` without one)."""
     from .report_sweep import write_sweep_report
 
     records = trial_records(study, sweep)
     out(f"\nsweep {sweep.name}: {state_counts(records)} ({direction} {metric}; study in {sweep.storage_url()})")
     if best_records(records, direction):
         out(best_table(sweep, records, metric, direction))
+    if not report:
+        return None
     try:
         folder = write_sweep_report(sweep, records, metric, direction)
     except RecipeError as exc:  # matplotlib missing: the table above is the result
@@ -786,6 +790,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-running", action="store_true",
                         help="take every trial still marked running as dead (after a crash, when no other worker is "
                              "running): fail it and rerun its values")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="print the best trials at the end but write no report folder")
     parser.add_argument("--report-only", action="store_true",
                         help="run no trial: print the best trials and write the report of the study so far")
 
@@ -820,7 +826,7 @@ def run(args: argparse.Namespace) -> int:
     for process in workers:
         process.join()
     failed = [p.exitcode for p in workers if p.exitcode != 0]
-    finish(sweep, study, metric, direction, emit)
+    finish(sweep, study, metric, direction, emit, report=args.report)
     if failed:
         print(f"kdforge: {len(failed)} worker process(es) ended with an error (exit codes {failed})", file=sys.stderr)
         return 1

@@ -18,8 +18,11 @@ from pydantic import Field
 from torch.utils.data import Dataset
 
 from kdforge import (
+    Chain,
     DataSplits,
+    HorizontalFlip,
     PartiallyLabeled,
+    RandomResizedCrop,
     RandomShift,
     RecipeError,
     ReplayableDataset,
@@ -174,10 +177,8 @@ def image_folder(
 
     normalize = [transforms.ToTensor(), transforms.Normalize(list(mean), list(std))]
     center = [transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
-    if augment:
-        train_tf = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
-    else:
-        train_tf = center
+    # augmented: un-augmented tensors here, a replayable crop and flip around them below
+    train_tf = [transforms.ToTensor()] if augment else center + normalize
     train_path = Path(root) / train_dir
     if not train_path.is_dir():
         raise RecipeError(
@@ -187,7 +188,7 @@ def image_folder(
         )
     at_read = {"train": 0, "eval": 0}
     train, train_bad = tvd.load_image_folder(
-        train_path, transforms.Compose(train_tf + normalize), "root", on_bad_image, "train", at_read)
+        train_path, transforms.Compose(train_tf), "root", on_bad_image, "train", at_read)
     eval_path = Path(root) / eval_dir
     eval_split, eval_bad = None, []
     if eval_dir and eval_path.is_dir():
@@ -208,10 +209,15 @@ def image_folder(
                              "eval": [str(b) for b in eval_bad[: tvd.EXAMPLES_KEPT]]},
         "skipped_at_read": at_read,
     }
+    classes = train.classes
+    if augment:
+        train = ReplayableDataset(train, Chain([RandomResizedCrop(image_size), HorizontalFlip()]),
+                                  finish=transforms.Normalize(list(mean), list(std)),
+                                  finish_spec={"normalize": [list(mean), list(std)]})
     return DataSplits(
         train=with_labeled(train, train.targets, labeled, drop_unlabeled, label_seed),
         eval=eval_split,
-        num_classes=len(train.classes),
+        num_classes=len(classes),
         input_shape=(3, image_size, image_size),
         info=info,
         random_transforms=augment,

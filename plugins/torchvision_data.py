@@ -33,7 +33,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from kdforge import DataSplits, RecipeError, with_labeled
+from kdforge import Chain, DataSplits, HorizontalFlip, RandomCrop, RecipeError, ReplayableDataset, with_labeled
 
 ROOT_KEY = "data.params.root"
 
@@ -276,14 +276,20 @@ def cifar(
 ) -> DataSplits:
     """The ``cifar10`` / ``cifar100`` datasets (see ``kdforge.plugins.datasets``)."""
     _prepare_cifar(spec, root, download, verify)
-    finish = [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
-    augmentation = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
-    train = load_cifar_split(spec, root, True, transforms.Compose(augmentation + finish))
-    eval_split = load_cifar_split(spec, root, False, transforms.Compose(finish))
+    normalize = transforms.Normalize(spec.mean, spec.std)
+    eval_split = load_cifar_split(spec, root, False, transforms.Compose([transforms.ToTensor(), normalize]))
+    if augment:  # replayable, so that the teacher cache can store views and replay them exactly
+        images = load_cifar_split(spec, root, True, transforms.ToTensor())
+        train: Dataset = ReplayableDataset(images, Chain([RandomCrop(32, padding=4), HorizontalFlip()]),
+                                           finish=normalize, finish_spec={"normalize": [spec.mean, spec.std]})
+        classes = images.classes
+    else:
+        train = load_cifar_split(spec, root, True, transforms.Compose([transforms.ToTensor(), normalize]))
+        classes = train.classes
     return DataSplits(
         train=with_labeled(train, train.targets, labeled, drop_unlabeled, label_seed),
         eval=eval_split,
-        num_classes=len(train.classes),
+        num_classes=len(classes),
         input_shape=(3, 32, 32),
         random_transforms=augment,
     )

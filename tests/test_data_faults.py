@@ -596,7 +596,8 @@ def test_pixels_that_fail_to_decode_are_replaced_when_skipping(tmp_path: Path, c
     index = [p for p, _ in splits.train.samples].index(str(bad))
     capsys.readouterr()
     x, y = splits.train[index]
-    assert torch.equal(x, splits.train[index + 1][0]) and y == splits.train.targets[index + 1]
+    # (solid-colour images: any crop of one is the same picture, up to the resize's rounding)
+    assert torch.allclose(x, splits.train[index + 1][0], atol=1e-5) and y == splits.train.targets[index + 1]
     splits.train[index]  # known now: no second warning
     err = capsys.readouterr().err
     assert err.count("kdforge: warning: image_folder could not read") == 1 and str(bad) in err

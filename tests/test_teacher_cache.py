@@ -223,3 +223,31 @@ def test_two_processes_build_one_cache_identical_to_one_process(tmp_path: Path, 
         a = np.load(Path(single["teacher/cache"]["path"]) / f"{name}.npy")
         b = np.load(Path(double["teacher/cache"]["path"]) / f"{name}.npy")
         assert np.array_equal(a, b), name
+
+
+def test_image_folders_with_augmentation_are_cached_as_replayed_views(tmp_path: Path) -> None:
+    from test_data_faults import write_images
+
+    write_images(tmp_path / "images", per_class=6)
+    write_images(tmp_path / "images", split="val", per_class=2)
+    data = {"name": "image_folder", "params": {"root": str(tmp_path / "images"), "image_size": 8}}
+    teacher = base_recipe(tmp_path / "t", data=data, student={"name": "small_cnn", "params": {"channels": [8, 8]}},
+                          trainer={"epochs": 1, "batch_size": 4, "progress_bar": False})
+    kdforge.run(teacher)
+    recipe = base_recipe(tmp_path / "s", data=data, teacher={"name": "checkpoint", "params": {"path": str(tmp_path / "t/run")},
+                                                              "cache": {"views": 2, "dtype": "float32",
+                                                                        "dir": str(tmp_path / "cache")}},
+                         losses=[{"name": "kd"}], trainer={"epochs": 2, "batch_size": 4, "progress_bar": False})
+    info = kdforge.run(recipe)["teacher/cache"]
+    from kdforge.cache import open_cache
+
+    cache = open_cache(Path(info["path"]), info["fingerprint"])
+    assert cache.params.shape == (12, 2, 5)  # a crop box (top, left, height, width) and a flip per view
+    from kdforge.plugins.datasets import image_folder
+
+    train = image_folder(root=str(tmp_path / "images"), image_size=8).train
+    replayed, _ = train.replay_augmented(3, torch.from_numpy(np.array(cache.params[3, 1])))
+    model = kdforge.load_student(tmp_path / "t/run").eval()
+    with torch.no_grad():
+        expected = model(replayed.unsqueeze(0))[0]
+    assert torch.allclose(torch.from_numpy(np.array(cache.arrays["logits"][3, 1, 0])), expected, atol=1e-5)
