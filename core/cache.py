@@ -151,7 +151,7 @@ def cache_problems(built: Any, spec: Any, teacher_taps: Any, transforms: bool) -
     key = "teacher.cache"
     teacher = built.teacher
     if follows_student(teacher):
-        raise RecipeError("a teacher that follows the student (such as 'ema') changes every step, so its outputs "
+        raise RecipeError("a teacher that follows the student changes every step, so its outputs "
                           "cannot be cached; remove teacher.cache", key=key)
     if teacher_taps is not None:
         users = [t.label for t in built.losses if getattr(t.module, "teacher_taps", None)]
