@@ -1,4 +1,4 @@
-"""The ``kdforge`` command line: run, validate, plugins, compare.
+"""The ``kdforge`` command line: run, validate, plugins, cache, compare; report, profile, export, sweep.
 
 Exit codes: 0 done; 2 a recipe or usage error (one line, no traceback); 1 a failure
 while running.
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, or runs/<name>)")
     run.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run directory")
+    output = run.add_mutually_exclusive_group()
+    output.add_argument("--quiet", action="store_true", help="print nothing but errors (no bars, no summary)")
+    output.add_argument("--json", action="store_true", help="print each run's summary as JSON (for machines)")
 
     validate = sub.add_parser("validate", help="check a recipe without training")
     add_recipe_args(validate)
@@ -72,7 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="compare finished runs side by side")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     compare.add_argument("--json", action="store_true", help="print JSON")
+    for name, (_, text) in TOOLS.items():
+        sub.add_parser(name, help=text, add_help=False)  # listed here; parsed by tool_parser (imports on use)
     return parser
+
+
+#: Commands whose modules import torch or an optional extra: their parsers are built only when called.
+TOOLS = {
+    "report": ("report", "an HTML page and PNG figures of one or more runs"),
+    "profile": ("profiling", "size, FLOPs and CPU latency of a finished run's teacher and student"),
+    "export": ("export", "export a finished run's student: onnx, torchscript, pt2, safetensors, hf"),
+    "sweep": ("sweep", "a hyperparameter search over a recipe (Optuna), from a sweep file"),
+}
+
+
+def run_tool(name: str, argv: Sequence[str]) -> int:
+    """Parse ``argv`` with the tool's own parser and run it (``kdforge report ...``)."""
+    import importlib
+
+    module_name, text = TOOLS[name]
+    module = importlib.import_module(f"kdforge.{module_name}")
+    parser = _Parser(prog=f"kdforge {name}", description=text[0].upper() + text[1:] + ".")
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
 
 
 def _version() -> str:
@@ -89,13 +114,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise RecipeError("--resume and --overwrite contradict each other: pass one of them")
     if len(args.recipes) > 1 and args.output_dir:
         raise RecipeError("--output-dir names one run directory; give each recipe its own output_dir instead")
+    from .console import set_quiet, summary_lines
+
+    set_quiet(args.quiet)
     resumes = [args.resume] * len(args.recipes)
     if len(args.recipes) > 1:
         resumes = plan_chain(args)
     for recipe, resume in zip(args.recipes, resumes):
         summary = run_recipe(recipe, args.overrides, output_dir=args.output_dir, resume=resume, overwrite=args.overwrite)
-        if _rank0():
-            emit(json.dumps(summary, indent=2, sort_keys=True))
+        if not _rank0() or args.quiet:
+            continue
+        if args.json:
+            emit(json.dumps(finite(summary), indent=2, sort_keys=True, allow_nan=False))
+        else:
+            from .recipe import load_recipe
+
+            run_dir = args.output_dir or load_recipe(recipe, args.overrides).run_dir()
+            emit("\n".join(summary_lines(summary, run_dir)))
     return EXIT_OK
 
 
@@ -159,12 +194,24 @@ def format_table(headers: list[str], rows: list[list[Any]], max_width: int = 70)
 
     table = [[cell(h) for h in headers]] + [[cell(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
+    numeric = [all(_numberlike(r[i]) for r in table[1:]) and len(table) > 1 for i in range(len(headers))]
+
+    def align(v: str, w: int, right: bool) -> str:
+        return v.rjust(w) if right else v.ljust(w)
+
+    lines = ["  ".join(align(v, w, right) for v, w, right in zip(r, widths, numeric)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 MAX_SUMMARY_BYTES = 16 << 20
+
+
+def _numberlike(text: str) -> bool:
+    """Whether a table cell shows a number (``97.04%``, ``4,810``, ``19.1 KiB``, ``-``): right-aligned."""
+    import re
+
+    return text == "-" or re.fullmatch(r"-?[\d,]+(\.\d+)?(%| KiB| MiB)?", text) is not None
 
 
 def load_summary(run_dir: str) -> dict[str, Any]:
@@ -277,6 +324,9 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "c
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kdforge`` and ``python -m kdforge``; returns the exit code."""
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv and argv[0] in TOOLS:
+            return run_tool(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         if args.command is None:
             build_parser().print_help()

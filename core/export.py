@@ -6,8 +6,9 @@ back (ONNX in onnxruntime, TorchScript with ``torch.jit.load``, pt2 with
 ``AutoModelForCausalLM.from_pretrained``) and run on real samples of the run's dataset at
 the export batch size and at other batch sizes (the batch dimension is dynamic); the
 largest absolute difference to the PyTorch student's outputs is reported, and one above
-``--atol`` fails the command (exit 1). A ``byot`` run's early exits (``early_exits/``) are
-exported too, one file per exit, each holding only what that exit runs.
+``--atol`` fails the command (exit 1). The run's extra models (``extra_models.json``,
+recorded by plugins, such as the early exits of ``byot``) are exported too, one file each
+beside the student's; a model that is ``Traceable`` is exported as its ``traceable()``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 class ExportResult:
     """One exported file and its check."""
 
-    model: str  # "student" or "exit <tap>"
+    model: str  # "student" or an extra model's name
     format: str
     path: str
     batch_sizes: list[int] = field(default_factory=list)
@@ -72,80 +73,6 @@ def require(packages: tuple[str, ...], what: str) -> None:
             missing.append(name)
     if missing:
         raise RecipeError(f"{what} needs {', '.join(packages)} (missing: {', '.join(missing)}): {INSTALL}")
-
-
-# -- models to export -------------------------------------------------------------------
-class ExitModel(nn.Module):
-    """An early exit as a plain module: the backbone's first layers up to the tap, then the exit's head.
-
-    Unlike the ``early_exit`` plugin's model (which stops the backbone by raising from a
-    hook), it holds only the layers the exit runs, so exporters can trace it.
-    """
-
-    def __init__(self, trunk: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.trunk, self.head = trunk, head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))[1]
-
-
-class _CaptureTrunk(nn.Module):
-    """Fallback trunk: runs the whole backbone and returns the tap's output (for backbones fx cannot trace)."""
-
-    def __init__(self, backbone: nn.Module, tap: str) -> None:
-        super().__init__()
-        self.backbone, self.tap = backbone, tap
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        captured: list[torch.Tensor] = []
-        handle = self.backbone.get_submodule(self.tap).register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            self.backbone(x)
-        finally:
-            handle.remove()
-        return captured[0]
-
-
-def cut_at(backbone: nn.Module, tap: str) -> nn.Module:
-    """``backbone`` up to (and including) the module ``tap``, as an fx ``GraphModule`` (or the capture fallback)."""
-    import torch.fx as fx
-
-    class Tracer(fx.Tracer):
-        def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-            return name == tap or super().is_leaf_module(module, name)
-
-    try:
-        graph = Tracer().trace(backbone)
-    except Exception:  # noqa: BLE001 - data-dependent control flow: fall back to running it all
-        return _CaptureTrunk(backbone, tap)
-    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == tap), None)
-    if node is None:
-        return _CaptureTrunk(backbone, tap)
-    output = next(n for n in graph.nodes if n.op == "output")
-    output.args = (node,)
-    module = fx.GraphModule(backbone, graph)
-    module.graph.eliminate_dead_code()
-    module.delete_all_unused_submodules()
-    module.recompile()
-    return module
-
-
-def exit_models(run_dir: Path) -> list[tuple[str, nn.Module, nn.Module]]:
-    """``(tap, traceable exit model, the early_exit plugin's model)`` for each exported exit of a byot run."""
-    from .registry import create
-
-    folder = run_dir / "early_exits"
-    if not folder.is_dir():
-        return []
-    exits = []
-    for meta in sorted(folder.glob("*.json")):
-        reference = create("student", "early_exit", path=str(run_dir), exit=meta.stem).eval()
-        fresh = create("student", "early_exit", path=str(run_dir), exit=meta.stem).eval()
-        backbone = fresh.backbone
-        backbone.get_submodule(fresh.tap)._forward_hooks.clear()  # the plugin's stop-here hook
-        exits.append((meta.stem, ExitModel(cut_at(backbone, fresh.tap), fresh.head).eval(), reference))
-    return exits
 
 
 # -- checking ---------------------------------------------------------------------------------
@@ -293,14 +220,28 @@ def default_path(run_dir: Path, fmt: str) -> Path:
     return run_dir / "export" / ("hf" if fmt == "hf" else f"student{SUFFIXES[fmt]}")
 
 
-def exit_path(student_path: Path, tap: str) -> Path:
-    """``student.onnx`` -> ``student.exit-features.0.onnx`` (beside the student's file)."""
-    return student_path.with_name(f"{student_path.stem}.exit-{tap}{student_path.suffix}")
+def extra_path(student_path: Path, name: str) -> Path:
+    """``student.onnx`` -> ``student.<name>.onnx`` (beside the student's file)."""
+    return student_path.with_name(f"{student_path.stem}.{name}{student_path.suffix}")
+
+
+def extra_jobs(run_dir: Path) -> list[tuple[str, nn.Module, nn.Module]]:
+    """``(name, model to export, reference model)`` for each extra model the run recorded."""
+    from .artifacts import extra_models
+    from .extensions import Traceable
+
+    jobs = []
+    for extra in extra_models(run_dir):
+        reference = extra.build(run_dir).eval()
+        exported = extra.build(run_dir)
+        exported = exported.traceable() if isinstance(exported, Traceable) else exported
+        jobs.append((extra.name, exported.eval(), reference))
+    return jobs
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, atol: float = DEFAULT_ATOL,
-               exits: bool = True, batch_sizes: tuple[int, ...] = CHECK_BATCHES) -> list[ExportResult]:
-    """Export a finished run's student (and early exits) in ``fmt``; every file is checked (see the module doc)."""
+               extra_models: bool = True, batch_sizes: tuple[int, ...] = CHECK_BATCHES) -> list[ExportResult]:
+    """Export a finished run's student (and its extra models) in ``fmt``; every file is checked (see the module doc)."""
     from .compose import load_student
 
     if fmt not in FORMATS:
@@ -321,8 +262,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, *, 
     sample = sample_batch(run.recipe, max(batch_sizes))
     target.parent.mkdir(parents=True, exist_ok=True)
     jobs: list[tuple[str, nn.Module, nn.Module, Path]] = [("student", student, student, target)]
-    if exits and fmt != "hf":
-        jobs += [(f"exit {tap}", model, reference, exit_path(target, tap)) for tap, model, reference in exit_models(run.path)]
+    if extra_models and fmt != "hf":
+        jobs += [(name, model, reference, extra_path(target, name)) for name, model, reference in extra_jobs(run.path)]
     results = []
     for name, model, reference, path in jobs:
         result = ExportResult(name, fmt, str(path), list(batch_sizes), atol=atol)
@@ -349,7 +290,7 @@ def _rebuilder(run_dir: Path, name: str, model: nn.Module) -> Callable[[], nn.Mo
 
     if name == "student":
         return lambda: load_student(run_dir)
-    return lambda: copy.deepcopy(model)  # an exit: its structure, the weights come from the file
+    return lambda: copy.deepcopy(model)  # an extra model: its structure, the weights come from the file
 
 
 def _metadata(run: Any, name: str, reference: nn.Module) -> dict[str, str]:
@@ -358,8 +299,8 @@ def _metadata(run: Any, name: str, reference: nn.Module) -> dict[str, str]:
     student = run.recipe.get("student") or {}
     meta = {"format": "pt", "kdforge.version": __version__, "kdforge.run": run.name,
             "kdforge.student": json.dumps(student, sort_keys=True, default=str)}
-    if name.startswith("exit "):
-        meta["kdforge.exit"] = name[len("exit "):]
+    if name != "student":
+        meta["kdforge.extra_model"] = name
     return meta
 
 
@@ -370,11 +311,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="onnx (dynamo exporter, checked in onnxruntime), torchscript, pt2 (torch.export), "
                              "safetensors (weights with the model spec), hf (save_pretrained, language models)")
     parser.add_argument("--out", default=None, metavar="PATH",
-                        help="file to write (hf: a folder); default <run>/export/student.<format>; early exits go "
-                             "beside it as <name>.exit-<tap>.<format>")
+                        help="file to write (hf: a folder); default <run>/export/student.<format>; the run's extra "
+                             "models go beside it as <stem>.<model>.<format>")
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
                         help=f"largest absolute difference to the PyTorch outputs that passes (default {DEFAULT_ATOL:g})")
-    parser.add_argument("--no-exits", dest="exits", action="store_false", help="skip the early exits of a byot run")
+    parser.add_argument("--no-extra-models", dest="extra_models", action="store_false",
+                        help="export only the student, not the extra models the run recorded (extra_models.json)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -383,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     from .cli import emit, format_table
 
     try:
-        results = export_run(args.run_dir, args.format, args.out, atol=args.atol, exits=args.exits)
+        results = export_run(args.run_dir, args.format, args.out, atol=args.atol, extra_models=args.extra_models)
     except ExportCheckFailed as exc:
         print(f"kdforge: export check failed: {exc}", file=sys.stderr)
         return 1

@@ -176,6 +176,18 @@ class ExportsFiles(Protocol):
 
 
 @runtime_checkable
+class Traceable(Protocol):
+    """A model that exporters cannot trace as it is (it stops early by raising, say) but can give one they can.
+
+    ``kdforge export`` exports ``traceable()`` instead of the model and checks it against the model.
+    """
+
+    def traceable(self) -> nn.Module:
+        """An equivalent module (same outputs) that ``torch.export``, TorchScript and fx can trace."""
+        ...
+
+
+@runtime_checkable
 class TransformsBatch(Protocol):
     """A plugin object (a loss, the task) that rewrites each training batch before the models see it.
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from . import checkpoint as ckpt
 from .build import BuiltRun, LossTerm
 from .compose import TEACHER_WEIGHTS
+from .console import RunBars, note  # noqa: F401 - note: re-exported for the runner
 from .errors import TrainingStopped
 from .evaluation import Evaluator, eval_loader
 from .extensions import EXTRA_HEADS_GROUP, CALLBACK_EVENTS, RunContext, callbacks_of, follows_student, teacher_members
@@ -90,6 +91,7 @@ class Session:
     epochs: int = 1  # the run's length in epochs as it started (what total_steps counts)
     scheduled_terms: list[tuple[LossTerm, nn.Module]] = field(default_factory=list)
     _plain_backend: bool = False
+    bars: RunBars = field(default_factory=lambda: RunBars("", 0, 0, False))
 
     def __post_init__(self) -> None:
         from accelerate.utils import DistributedType
@@ -262,7 +264,8 @@ def train_epoch(s: Session, epoch: int, skip_batches: int = 0) -> None:
     s.state.batch_in_epoch = skip_batches
     s.stats = LossStats(len(s.terms), acc.device)
     s.step_tensor = torch.full((), float(s.state.step + 1), device=acc.device)
-    bar = progress_bar(s, epoch)
+    bar = s.bars
+    bar.start_epoch(epoch, trainer.epochs, s.steps_per_epoch, skip_batches // trainer.gradient_accumulation_steps)
     batches = _keep_rng(iter(loader)) if skip_batches else iter(loader)
     windows_since_log = 0
     for window in windows(batches, s.built.task, trainer.gradient_accumulation_steps, trainer.channels_last):
@@ -270,8 +273,7 @@ def train_epoch(s: Session, epoch: int, skip_batches: int = 0) -> None:
         s.state.batch_in_epoch += len(window)
         s.state.samples_seen += sum(b.size for b in window)
         windows_since_log += 1
-        if bar is not None:
-            bar.update(1)
+        bar.step()
         if windows_since_log >= trainer.log_every:
             log_train(s, epoch, bar)
             windows_since_log = 0
@@ -279,8 +281,6 @@ def train_epoch(s: Session, epoch: int, skip_batches: int = 0) -> None:
             stop_for_interrupt(s, epoch)
     if s.stats.batches:
         log_train(s, epoch, bar)
-    if bar is not None:
-        bar.close()
     s.state.batch_in_epoch = 0
 
 
@@ -297,16 +297,6 @@ def _keep_rng(batches: Iterator[Any]) -> Iterator[Any]:
     if first is not None:
         yield first
     yield from batches
-
-
-def progress_bar(s: Session, epoch: int) -> Any:
-    """A tqdm bar over the epoch's optimizer steps on the local main process, or ``None``."""
-    if not (s.recipe.trainer.progress_bar and s.accelerator.is_local_main_process):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=s.steps_per_epoch, desc=f"epoch {epoch + 1}/{s.recipe.trainer.epochs}", leave=False,
-                dynamic_ncols=True, initial=s.state.batch_in_epoch // s.recipe.trainer.gradient_accumulation_steps)
 
 
 def log_train(s: Session, epoch: int, bar: Any = None) -> WindowReport:
@@ -331,7 +321,7 @@ def log_train(s: Session, epoch: int, bar: Any = None) -> WindowReport:
     record["train/samples_per_second"] = report.samples / report.seconds
     write_record(s, record)
     if bar is not None:
-        bar.set_postfix({"loss": f"{report.means[0]:.4g}", "samples/s": f"{record['train/samples_per_second']:.0f}"})
+        bar.training(report.means[0], record["train/samples_per_second"])
     if report.interrupted:
         stop_for_interrupt(s, epoch, checked=True)
     return report
@@ -446,6 +436,7 @@ def fit(s: Session) -> dict[str, Any]:
     if s.state.history:  # resumed: callbacks see the last evaluation until the next one
         s.run.metrics = {"step": s.state.step, **s.state.history[-1]}
     s.lifecycle.fire("on_fit_start", s.run)
+    s.bars = RunBars(recipe.name, trainer.epochs, start_epoch, trainer.progress_bar and s.accelerator.is_local_main_process)
     for epoch in range(start_epoch, trainer.epochs):
         s.run.epoch = epoch
         train_epoch(s, epoch, skip)
@@ -457,12 +448,10 @@ def fit(s: Session) -> dict[str, Any]:
         s.run.metrics = record
         write_record(s, record)
         s.lifecycle.fire("on_epoch_end", s.run)
-        if s.is_main and trainer.progress_bar:
-            headline = record.get(f"student/{s.built.task.headline}")
-            text = "n/a" if headline is None else f"{headline:.4f}"
-            print(f"epoch {epoch + 1}/{trainer.epochs}: student {s.built.task.headline} {text}", flush=True)
+        s.bars.end_epoch(record)
         if epoch + 1 == trainer.epochs or (epoch + 1) % trainer.checkpoint_every == 0:
             save_checkpoint(s, f"epoch-{epoch + 1:04d}")
+    s.bars.close()
     return finish(s, wall_before + (time.perf_counter() - started))
 
 
@@ -652,6 +641,3 @@ def prepare_session(built: BuiltRun, accelerator: Any, run_dir: Path, student_ta
                    evaluator, lifecycle, run, state, steps_per_epoch, stateful_objects(built), transforms=transforms)
 
 
-def note(message: str) -> None:
-    """A one-line notice on stderr."""
-    print(f"kdforge: note: {message}", file=sys.stderr, flush=True)

@@ -1,6 +1,6 @@
 """The compression report: how much smaller and faster the student is than its teacher (``kdforge profile``).
 
-For the teacher and the student of a finished run (and each early exit of a ``byot`` run):
+For the teacher, the student and the extra models (``extra_models.json``) of a finished run:
 parameters, size of the weights on disk, FLOPs per sample (``torch.utils.flop_counter``),
 CPU latency at batch 1 and batch 64 (median of timed runs after warm-up runs), throughput,
 and the run's headline metric; then the ratios ("8.2x smaller, 5.1x faster, -1.3 points").
@@ -32,7 +32,7 @@ DEFAULT_WARMUP = 5
 
 @dataclass
 class ModelProfile:
-    """Measurements of one model (``role``: teacher, student, or ``exit <tap>``)."""
+    """Measurements of one model (``role``: teacher, student, or an extra model's name)."""
 
     role: str
     params: int
@@ -170,31 +170,18 @@ def _metric_value(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def early_exit_models(run: RunData) -> list[tuple[str, nn.Module]]:
-    """The exported early exits of a ``byot`` run, as ``early_exit`` models (none for other runs)."""
-    from .registry import create
-
-    folder = run.path / "early_exits"
-    if not folder.is_dir():
-        return []
-    exits = []
-    for meta in sorted(folder.glob("*.json")):
-        exits.append((meta.stem, create("student", "early_exit", path=str(run.path), exit=meta.stem)))
-    return exits
-
-
 def profile_run(run_dir: str | Path, *, repeats: int = DEFAULT_REPEATS, warmup: int = DEFAULT_WARMUP,
-                batch_sizes: tuple[int, ...] = BATCH_SIZES, exits: bool = True, threads: int | None = 1) -> CompressionReport:
+                batch_sizes: tuple[int, ...] = BATCH_SIZES, extra_models: bool = True, threads: int | None = 1) -> CompressionReport:
     """The compression report of a finished run (student alone when the run had no teacher).
 
     ``threads``: torch CPU threads while measuring (``None``/0: torch's own setting).
     """
     with torch_threads(threads):
-        return _profile_run(run_dir, repeats, warmup, batch_sizes, exits)
+        return _profile_run(run_dir, repeats, warmup, batch_sizes, extra_models)
 
 
 def _profile_run(run_dir: str | Path, repeats: int, warmup: int, batch_sizes: tuple[int, ...],
-                 exits: bool) -> CompressionReport:
+                 extra_models: bool) -> CompressionReport:
     from .compose import load_student, load_teacher
 
     if repeats < 1 or warmup < 0:
@@ -215,13 +202,15 @@ def _profile_run(run_dir: str | Path, repeats: int, warmup: int, batch_sizes: tu
             candidates.append(Candidate("teacher", teacher, metric_value=_metric_value(run.summary.get(f"teacher/{metric}"))))
     candidates.append(Candidate("student", load_student(run.path), size_bytes=(run.path / "student.safetensors").stat().st_size,
                                 metric_value=_metric_value(run.summary.get(f"student/{metric}"))))
-    if exits:
-        exit_metrics = run.summary.get(f"student/exits/{metric}") or {}
-        for tap, model in early_exit_models(run):
+    if extra_models:
+        from .artifacts import extra_model_metric, extra_models as recorded
+
+        for extra in recorded(run.path):
+            model = extra.build(run.path)
             batch = sample.take(1)
             state = used_state(model, lambda: sample.task.forward(model, batch))
-            value = exit_metrics.get(tap) if isinstance(exit_metrics, dict) else None
-            candidates.append(Candidate(f"exit {tap}", model, state=state, metric_value=_metric_value(value)))
+            candidates.append(Candidate(extra.name, model, state=state,
+                                        metric_value=extra_model_metric(run.summary, extra, metric)))
     models = profile_models(candidates, sample, repeats=repeats, warmup=warmup, batch_sizes=batch_sizes, metric=metric)
     ratios = compression_ratios(models, metric, batch_sizes)
     return CompressionReport(str(run_dir), run.name, models, ratios, headline_sentence(ratios, metric), torch.get_num_threads(),
@@ -356,8 +345,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads while measuring (default 1, as torch.utils.benchmark: steadier on a "
                              "busy machine; 0: torch's own setting)")
-    parser.add_argument("--no-exits", dest="exits", action="store_false",
-                        help="skip the early exits of a byot run")
+    parser.add_argument("--no-extra-models", dest="extra_models", action="store_false",
+                        help="profile only the teacher and the student, not the run's extra models (extra_models.json)")
 
 
 @contextlib.contextmanager
@@ -378,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
     """``kdforge profile``: print the compression report of a run."""
     from .cli import emit
 
-    report = profile_run(args.run_dir, repeats=args.repeats, warmup=args.warmup, exits=args.exits, threads=args.threads)
+    report = profile_run(args.run_dir, repeats=args.repeats, warmup=args.warmup, extra_models=args.extra_models, threads=args.threads)
     if args.json:
         from .cli import finite
 

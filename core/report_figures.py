@@ -3,7 +3,7 @@
 Every figure is a grid of panels of a fixed size (``PANEL_PX`` pixels each, at most
 ``MAX_COLUMNS`` per row) with one legend under the grid, so its pixel size follows from its
 panel count alone (``figure_pixels``). Each run keeps its color in every figure; in a run's
-lines the student is solid, its teacher dashed and early exits dotted.
+lines the student is solid, its teacher dashed and extra heads (early exits, say) dotted.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import RecipeError
+from .extensions import EXTRA_HEADS_GROUP
 from .report_data import RunData
 
 DPI = 100
@@ -23,7 +24,7 @@ MAX_COLUMNS = 2
 PANEL_PX = (int(PANEL_INCHES[0] * DPI), int(PANEL_INCHES[1] * DPI))
 #: one color per run, in the order the runs were given (matplotlib's tab10, colorblind-friendlier than the default cycle order)
 RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
-EXIT_STYLES = [":", (0, (5, 1, 1, 1)), (0, (1, 2)), (0, (3, 1, 1, 1, 1, 1))]
+HEAD_STYLES = [":", (0, (5, 1, 1, 1)), (0, (1, 2)), (0, (3, 1, 1, 1, 1, 1))]
 INSTALL = "pip install 'kdforge[report]'"
 
 
@@ -237,7 +238,7 @@ def schedule_figure(runs: list[RunData], path: Path) -> Figure | None:
         panels.append(panel("train/samples_per_second", "training throughput (all processes)", "samples / second",
                             log_y=False))
     figure = draw(panels, "Learning rate, schedules and throughput", path)
-    figure.caption = ("The learning rate, every scheduled loss weight and loss param (e.g. a KD temperature) and any "
+    figure.caption = ("The learning rate, every scheduled loss weight and loss param (e.g. a temperature) and any "
                       "value a loss reports, as logged during training; then the training throughput. Constant "
                       "weights and params are not logged.")
     return figure
@@ -268,7 +269,7 @@ def metric_title(metric: str) -> str:
 
 
 def metrics_figure(runs: list[RunData], path: Path) -> Figure | None:
-    """Student (and teacher) metrics per epoch on the eval split; early exits dotted."""
+    """Student (and teacher) metrics per epoch on the eval split; extra heads dotted."""
     metrics = [m for m in _metric_keys(runs) if any(r.eval_series(f"student/{m}")[0] for r in runs)]
     if not metrics:
         return None
@@ -290,18 +291,19 @@ def metrics_figure(runs: list[RunData], path: Path) -> Figure | None:
             elif isinstance(r.summary.get(f"teacher/{metric}"), (int, float)):
                 hlines.append(Line([0], [float(r.summary[f"teacher/{metric}"])], f"{label}: teacher (before training)",
                                    color, "--", None, 1.2))
-            exits = sorted({k.split("/")[2] for k in r.eval_keys()
-                            if k.startswith("student/exits/") and k.endswith(f"/{metric}")})
-            for j, name in enumerate(exits):
-                exs, eys = r.eval_series(f"student/exits/{name}/{metric}")
-                lines.append(Line(exs, eys, f"{label}: exit {name}", color, EXIT_STYLES[j % len(EXIT_STYLES)], None, 1.4))
+            group = f"student/{EXTRA_HEADS_GROUP}/"
+            heads = sorted({k[len(group):].rpartition("/")[0] for k in r.eval_keys()
+                            if k.startswith(group) and k.endswith(f"/{metric}")})
+            for j, name in enumerate(heads):
+                hxs, hys = r.eval_series(f"{group}{name}/{metric}")
+                lines.append(Line(hxs, hys, f"{label}: head {name}", color, HEAD_STYLES[j % len(HEAD_STYLES)], None, 1.4))
         unit = " (%)" if percent else ""
         panels.append(Panel(f"{metric_title(metric)} on the eval split", f"{metric_title(metric)}{unit}", lines,
                             percent=percent, log_y=False, hlines=hlines))
     figure = draw(panels, "Evaluation metrics per epoch", path)
     figure.caption = ("The student's metrics on the eval split after every epoch (solid). Dashed: the teacher, "
                       "measured once before training (a horizontal line) or every epoch when it follows the "
-                      "student (EMA). Dotted: early exits of a self-distillation run.")
+                      "student. Dotted: the extra heads a loss evaluates (ExtraOutputs).")
     return figure
 
 

@@ -24,7 +24,8 @@ from .build import BuiltRun, build_run, check_recipe
 from .dryrun import dry_run
 from .errors import RecipeError, TrainingStopped
 from .io import write_text_atomic
-from .loop import Session, fit, load_checkpoint, note, prepare_session
+from .console import is_quiet, note
+from .loop import Session, fit, load_checkpoint, prepare_session
 from .recipe import Recipe, load_recipe
 from .state import RunState
 from .taps import FeatureTaps, resolve_tap
@@ -155,7 +156,7 @@ class StopRequest:
         self.requested = True
         if self.session is not None:
             self.session.interrupted = True
-            if self.session.is_main:
+            if self.session.is_main and not is_quiet():
                 name = signal.Signals(signum).name
                 print(f"\nkdforge: {name}: stopping at the next step boundary and saving a checkpoint "
                       f"(again to abort without one)", file=sys.stderr, flush=True)
@@ -230,6 +231,7 @@ def run_recipe(
             raise clear from exc
         finally:
             if session is not None:
+                session.bars.close()
                 end_trackers(session)
             remove_taps(student_taps, teacher_taps)
             lock.release()

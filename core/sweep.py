@@ -308,19 +308,16 @@ def _plugin(spec: Any, key: str, names: tuple[str, ...], *, allow_seed: bool) ->
 def check_sweep(sweep: Sweep, *, dry_run: bool = True) -> tuple[str, str]:
     """Validate the base recipe and every probe value of the space; return the objective ``(metric, direction)``.
 
-    The base recipe (with the sweep's overrides) gets a dry run (data, models, one batch);
-    each dimension's ends and choices are validated statically, one at a time and all at
-    their low and high ends together. Nothing is written.
+    Each dimension's ends and choices (every grid point for the grid sampler) are validated
+    statically, one at a time and all at their low and high ends together; then the base
+    recipe (with the sweep's overrides) gets a dry run (data, models, one batch). Nothing
+    is written.
     """
     from .runner import validate_recipe_source
 
     if not sweep.recipe.is_file():
         raise RecipeError(f"base recipe {str(sweep.recipe)!r} does not exist (paths are relative to the sweep file)",
                           key="recipe")
-    try:
-        recipe = validate_recipe_source(str(sweep.recipe), sweep.overrides, dry=dry_run)
-    except RecipeError as exc:
-        raise RecipeError(f"base recipe {str(sweep.recipe)!r} with the sweep's overrides: {exc}") from None
     lows = {p.key: p.probe_values()[0] for p in sweep.space.values()}
     highs = {p.key: p.probe_values()[-1] for p in sweep.space.values()}
     every = {p.key: (p.choices if p.kind == "choice" else p.grid()) if sweep.sampler == "grid" else p.probe_values()
@@ -333,6 +330,10 @@ def check_sweep(sweep: Sweep, *, dry_run: bool = True) -> tuple[str, str]:
             shown = ", ".join(f"{k}={v!r}" for k, v in probe.items())
             raise RecipeError(f"the space reaches a value the recipe refuses ({shown}): {exc}",
                               key=f"space.{next(iter(probe))}") from None
+    try:
+        recipe = validate_recipe_source(str(sweep.recipe), sweep.overrides, dry=dry_run)
+    except RecipeError as exc:
+        raise RecipeError(f"base recipe {str(sweep.recipe)!r} with the sweep's overrides: {exc}") from None
     return resolve_objective(sweep, recipe)
 
 
@@ -410,14 +411,18 @@ class PerTrialSeed:
 
 
 def make_sampler(sweep: Sweep) -> Any:
-    """The sweep's sampler (per-trial seeded), with its params checked."""
+    """The sweep's sampler (random and TPE seeded per trial; the grid's own order), with its params checked."""
     optuna = optuna_module()
     samplers = optuna.samplers
     params = dict(sweep.sampler_params)
     if sweep.sampler == "grid":
+        # one shuffle of the grid for every process: trial n takes point n of it, so processes never collide
         grid = {p.key: p.grid() for p in sweep.space.values()}
-        build = lambda seed: samplers.GridSampler(grid, seed=seed, **params)  # noqa: E731
-    elif sweep.sampler == "random":
+        try:
+            return samplers.GridSampler(grid, seed=sweep.seed, **params)
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(f"Optuna's grid sampler refuses these params: {exc}", key="sampler.params") from None
+    if sweep.sampler == "random":
         build = lambda seed: samplers.RandomSampler(seed=seed, **params)  # noqa: E731
     else:
         build = lambda seed: samplers.TPESampler(seed=seed, **params)  # noqa: E731

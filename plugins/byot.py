@@ -8,6 +8,7 @@ early-exit model that the ``early_exit`` plugin loads.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +18,18 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from kdforge import RecipeError, StepOutputs, full_precision, hookimpl, load_student, load_weights, save_weights
+from kdforge import (
+    RUN_DIR,
+    ExtraModel,
+    RecipeError,
+    StepOutputs,
+    full_precision,
+    hookimpl,
+    load_student,
+    load_weights,
+    record_extra_model,
+    save_weights,
+)
 from kdforge.plugins.losses import kd_divergence, masked_cross_entropy
 
 EXPORT_DIR = "early_exits"
@@ -121,11 +133,70 @@ class BeYourOwnTeacher(nn.Module):
         return {tap: logits for tap, _, logits in self._exits(out)}
 
     def export(self, student: nn.Module, run_dir: Path) -> None:
-        """Write each exit's head (weights and shape) under ``early_exits/`` for ``early_exit``."""
+        """Write each exit's head (weights and shape) under ``early_exits/`` for ``early_exit``, and record it
+        as an extra model of the run (so ``kdforge profile`` and ``kdforge export`` include it)."""
         for tap in self.taps:
             head = self.heads[_head_key(tap)]
             save_weights(head, run_dir / EXPORT_DIR / f"{tap}.safetensors")
             (run_dir / EXPORT_DIR / f"{tap}.json").write_text(json.dumps({"tap": tap, **head.config}, indent=2))
+            record_extra_model(run_dir, ExtraModel(name=f"exit-{tap}", plugin="early_exit", head=tap,
+                                                   params={"path": RUN_DIR, "exit": tap}))
+
+
+class ExitModel(nn.Module):
+    """An early exit as a plain module: the backbone's first layers up to the tap, then the exit's head.
+
+    Unlike ``EarlyExitModel`` (which stops the backbone by raising from a hook), it holds
+    only the layers the exit runs, so exporters can trace it.
+    """
+
+    def __init__(self, trunk: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.trunk, self.head = trunk, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))[1]
+
+
+class _CaptureTrunk(nn.Module):
+    """Fallback trunk: runs the whole backbone and returns the tap's output (for backbones fx cannot trace)."""
+
+    def __init__(self, backbone: nn.Module, tap: str) -> None:
+        super().__init__()
+        self.backbone, self.tap = backbone, tap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        handle = self.backbone.get_submodule(self.tap).register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            self.backbone(x)
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+def cut_at(backbone: nn.Module, tap: str) -> nn.Module:
+    """``backbone`` up to (and including) the module ``tap``, as an fx ``GraphModule`` (or the capture fallback)."""
+    import torch.fx as fx
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+            return name == tap or super().is_leaf_module(module, name)
+
+    try:
+        graph = Tracer().trace(backbone)
+    except Exception:  # noqa: BLE001 - data-dependent control flow: fall back to running it all
+        return _CaptureTrunk(backbone, tap)
+    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == tap), None)
+    if node is None:
+        return _CaptureTrunk(backbone, tap)
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (node,)
+    module = fx.GraphModule(backbone, graph)
+    module.graph.eliminate_dead_code()
+    module.delete_all_unused_submodules()
+    module.recompile()
+    return module
 
 
 class _ExitReached(Exception):
@@ -168,6 +239,12 @@ class EarlyExitModel(nn.Module):
                         module.requires_grad_(False)
                 self._traced = True
         raise RuntimeError(f"the backbone never ran {self.tap!r}")
+
+    def traceable(self) -> ExitModel:
+        """The same exit as a plain module of only the layers it runs (what ``kdforge export`` writes)."""
+        backbone = copy.deepcopy(self.backbone)
+        backbone.get_submodule(self.tap)._forward_hooks.clear()  # the stop-here hook
+        return ExitModel(cut_at(backbone, self.tap), copy.deepcopy(self.head))
 
 
 def early_exit(path: str, exit: str) -> EarlyExitModel:

@@ -1,4 +1,4 @@
-"""A real 2-process run on the CPU through `accelerate launch` (gloo), proving both took part."""
+"""A real 2-process run on the CPU through `accelerate launch` (gloo), proving both took part."""  # noqa: D400
 
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ def test_two_processes_split_the_data(tmp_path: Path, digits_teacher: Path) -> N
     )
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    result = launch(path)
+    result = launch(path, "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["num_processes"] == 2, summary
     assert summary["train/samples_seen_per_process"] == [512, 512]  # 256 per epoch each, not 512
     assert summary["train/steps"] == 2 * 512 // (32 * 2)
     assert summary["student/accuracy"] is not None and summary["student/accuracy"] > 0.2, summary
-    # gather_for_metrics drops the padding: accuracy counts exactly the 200 eval samples
+    # the padding of the eval shards is cut off: accuracy counts exactly the 200 eval samples
     hits = summary["student/accuracy"] * 200
     assert abs(hits - round(hits)) < 1e-9
     # one process writes: one summary printed, one set of metrics lines per step

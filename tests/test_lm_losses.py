@@ -234,7 +234,8 @@ def test_the_window_mean_does_not_depend_on_how_it_is_split(seed: int, kind: str
         total = total + loss(outputs(s[part], teacher[part], targets[part])) * weight
     total.backward()
     torch.testing.assert_close(total.detach(), whole, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(s.grad, whole_grad, rtol=1e-5, atol=1e-8)
+    # float32 sums in another order: absolute slack relative to the largest gradient (seed 3, skew_reverse_kl: 1e-8)
+    torch.testing.assert_close(s.grad, whole_grad, rtol=1e-5, atol=1e-5 * whole_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("kind", DIVERGENCES)

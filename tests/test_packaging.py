@@ -21,7 +21,7 @@ def test_wheel_contents_import_and_register(tmp_path: Path) -> None:
                     "-w", str(dist), str(ROOT)], check=True, capture_output=True, timeout=300)
     (wheel,) = dist.glob("kdforge-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("kdforge/__init__.py", "kdforge/engine.py", "kdforge/plugins/losses.py", "kdforge/plugins/datasets.py"):
+    for module in ("kdforge/__init__.py", "kdforge/loop.py", "kdforge/plugins/losses.py", "kdforge/plugins/datasets.py"):
         assert module in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

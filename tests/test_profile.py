@@ -136,7 +136,7 @@ def test_a_run_without_a_teacher_is_profiled_alone_and_early_exits_count_only_wh
     alone = profile_run(runs["teacher"], repeats=2, warmup=0)
     assert [m.role for m in alone.models] == ["student"] and alone.ratios == {} and alone.headline is None
     byot = profile_run(runs["byot"], repeats=2, warmup=0)
-    assert [m.role for m in byot.models] == ["student", "exit features.0"]
+    assert [m.role for m in byot.models] == ["student", "exit-features.0"]
     exit_model = kdforge.create("student", "early_exit", path=str(runs["byot"]), exit="features.0")
     # the exit runs the first conv block and its own head, nothing of the rest of the backbone
     used = sum(p.numel() for p in exit_model.backbone.features[0].parameters()) + \
@@ -147,7 +147,7 @@ def test_a_run_without_a_teacher_is_profiled_alone_and_early_exits_count_only_wh
     assert exit_profile.flops_per_sample < student.flops_per_sample
     summary = json.loads((runs["byot"] / "summary.json").read_text())
     assert exit_profile.metric_value == summary["student/exits/accuracy"]["features.0"]
-    assert [m.role for m in profile_run(runs["byot"], repeats=1, warmup=0, exits=False).models] == ["student"]
+    assert [m.role for m in profile_run(runs["byot"], repeats=1, warmup=0, extra_models=False).models] == ["student"]
 
 
 def test_command_prints_a_table_or_json(runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
