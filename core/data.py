@@ -8,6 +8,7 @@ the seed, and every run (teacher and students) calls it with the same values.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -40,20 +41,57 @@ class TensorPairs(Dataset):
 
 
 def stratified_split(targets: Sequence[int], test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and eval indices of a stratified split (scikit-learn's ``train_test_split``).
+    """Train and eval indices of a stratified split (the split scikit-learn's ``train_test_split`` makes).
 
     Each class keeps its share in both parts; the result depends only on the labels,
     ``test_fraction`` and ``seed``. The built-in ``digits`` dataset is
     ``stratified_split(load_digits().target, 0.3, split_seed)``: 1,257 train and 540 eval
     images at the defaults. Reuse it (same fraction and seed) for every run that shares a
     teacher, so no image the teacher trained on is evaluated as unseen.
-    """
-    from sklearn.model_selection import train_test_split
 
+    The indices are those of ``train_test_split(range(n), test_size=test_fraction,
+    random_state=seed, stratify=targets)`` (a test compares them), computed here without
+    importing scikit-learn, whose import costs seconds in every process.
+    """
     labels = np.asarray(list(targets))
-    indices = np.arange(len(labels))
-    train, test = train_test_split(indices, test_size=test_fraction, random_state=seed, stratify=labels)
-    return np.asarray(train), np.asarray(test)
+    n = len(labels)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be between 0 and 1, not {test_fraction}")
+    n_test = math.ceil(test_fraction * n)
+    n_train = math.floor((1.0 - test_fraction) * n)
+    classes, label_ids = np.unique(labels, return_inverse=True)
+    counts = np.bincount(label_ids)
+    if n_train < len(classes) or n_test < len(classes) or counts.min() < 2:
+        raise ValueError(f"a stratified split of {n} samples in {len(classes)} classes needs at least two samples "
+                         f"of every class and one per class on each side")
+    members = np.split(np.argsort(label_ids, kind="mergesort"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    train_counts = _share_draws(counts, n_train, rng)
+    test_counts = _share_draws(counts - train_counts, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for pool, k_train, k_test in zip(members, train_counts, test_counts):
+        shuffled = pool.take(rng.permutation(len(pool)), mode="clip")
+        train.extend(shuffled[:k_train])
+        test.extend(shuffled[k_train:k_train + k_test])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _share_draws(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """How many of ``draws`` each class gets: its floored proportional share, and the draws left over
+    go one each to the classes with the largest fractional parts (ties broken at random)."""
+    exact = counts / counts.sum() * draws
+    share = np.floor(exact)
+    left = int(draws - share.sum())
+    fractions = exact - share
+    for value in np.unique(fractions)[::-1]:
+        if left <= 0:
+            break
+        (tied,) = np.where(fractions == value)
+        take = min(len(tied), left)
+        share[rng.choice(tied, size=take, replace=False)] += 1
+        left -= take
+    return share.astype(int)
 
 
 def balanced_subset(targets: Sequence[int], n: int, seed: int = 0) -> np.ndarray:

@@ -501,14 +501,15 @@ def open_study(sweep: Sweep, direction: str, metric: str, *, create: bool = True
                                     pruner=make_pruner(sweep), direction=direction, load_if_exists=True)
     marks = {**fingerprint(sweep), "kdforge.metric": metric}
     stored = study.user_attrs
-    if not any(k in stored for k in marks):
-        for key, value in marks.items():
+    # Only a mark that is there and differs is a conflict: a worker that started at the same
+    # moment may still be writing them one by one, and every worker writes the same values.
+    changed = [k[len("kdforge."):] for k, v in marks.items() if k in stored and stored[k] != v]
+    if changed:
+        raise RecipeError(f"the study {sweep.name!r} in {sweep.storage_url()!r} was started with another "
+                          f"{' and '.join(changed)}; give this sweep another name or output_dir, or restore it")
+    for key, value in marks.items():
+        if key not in stored:
             study.set_user_attr(key, value)
-    else:
-        changed = [k[len("kdforge."):] for k, v in marks.items() if stored.get(k) != v]
-        if changed:
-            raise RecipeError(f"the study {sweep.name!r} in {sweep.storage_url()!r} was started with another "
-                              f"{' and '.join(changed)}; give this sweep another name or output_dir, or restore it")
     if study.direction.name.lower() != direction:
         raise RecipeError(f"the study {sweep.name!r} {study.direction.name.lower()}s; this sweep would {direction}",
                           key="objective.direction")

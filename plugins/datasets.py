@@ -61,6 +61,25 @@ Stats = Annotated[list[float], Field(min_length=3, max_length=3)]
 
 
 # -- digits -----------------------------------------------------------------------------
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``(pixels (1797, 64) float64, targets (1797,) int)``, as ``load_digits`` gives them.
+
+    Read straight from the CSV that scikit-learn ships, without importing scikit-learn
+    (seconds per process); ``load_digits`` is the fallback when the file is not where it was.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is None or not csv.is_file():
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        return data.data, data.target
+    table = np.loadtxt(csv, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(int)
+
+
 def digits(
     labeled: Labeled = None,
     drop_unlabeled: bool = False,
@@ -77,13 +96,11 @@ def digits(
     ``shift=k`` augments the train split: each image moves by a random offset of up to k pixels
     in each direction (a random crop of the zero-padded image), drawn anew every epoch.
     """
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = (data.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    train_idx, eval_idx = stratified_split(data.target, test_fraction, split_seed)
-    train = TensorPairs(torch.from_numpy(np.ascontiguousarray(images[train_idx])), data.target[train_idx].tolist())
-    eval_split = TensorPairs(torch.from_numpy(np.ascontiguousarray(images[eval_idx])), data.target[eval_idx].tolist())
+    pixels, target = digits_arrays()
+    images = (pixels.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    train_idx, eval_idx = stratified_split(target, test_fraction, split_seed)
+    train = TensorPairs(torch.from_numpy(np.ascontiguousarray(images[train_idx])), target[train_idx].tolist())
+    eval_split = TensorPairs(torch.from_numpy(np.ascontiguousarray(images[eval_idx])), target[eval_idx].tolist())
     augmented = ReplayableDataset(train, RandomShift(shift)) if shift else train
     return DataSplits(
         train=with_labeled(augmented, train.targets, labeled, drop_unlabeled, split_seed),

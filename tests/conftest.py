@@ -11,6 +11,12 @@ from typing import Any
 
 import pytest
 
+# The suite runs two tests at a time (`pytest -n 2`, on 2 cores). One torch thread per
+# process: otherwise the OpenMP pools of both workers and of the runs they start
+# oversubscribe the cores and spin, and everything takes longer. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 KDFORGE = [sys.executable, "-m", "kdforge"]
 

@@ -342,7 +342,7 @@ def test_cifar_object_arrays_are_refused_before_their_items(tmp_path: Path) -> N
     (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 12]}, protocol=2),
      "label 12 of image 1 is outside 0..9"),
     (pickle.dumps({"data": np.zeros((2, 3072), np.uint8)}, protocol=2), "no list of 2 'labels'"),
-])
+], ids=["random-bytes", "a-list", "int64-data", "label-out-of-range", "no-labels"])
 def test_cifar_files_in_another_shape_are_one_clear_error(tmp_path: Path, no_download: None, content: bytes,
                                                           expected: str) -> None:
     folder = write_cifar10(tmp_path)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import collections
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import kdforge
@@ -443,3 +447,50 @@ def test_synthetic_params_are_validated() -> None:
         kdforge.create("dataset", "synthetic", shape=[2, 0, 3])
     with pytest.raises(RecipeError, match="train_size"):
         kdforge.create("dataset", "synthetic", train_size=0)
+
+
+# -- the split and the digits arrays match scikit-learn's, without importing it --------------------
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), fraction=st.sampled_from([0.1, 0.2, 0.25, 0.3, 0.333, 0.5, 0.7]),
+       counts=st.lists(st.integers(2, 40), min_size=2, max_size=8), shuffle=st.integers(0, 1000))
+def test_stratified_split_is_the_split_scikit_learn_makes(seed: int, fraction: float, counts: list[int],
+                                                          shuffle: int) -> None:
+    from sklearn.model_selection import train_test_split
+
+    labels = np.random.default_rng(shuffle).permutation(np.repeat(np.arange(len(counts)), counts))
+    indices = np.arange(len(labels))
+    try:
+        expected = train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels)
+    except ValueError:
+        with pytest.raises(ValueError):
+            kdforge.stratified_split(labels.tolist(), fraction, seed)
+        return
+    train, test = kdforge.stratified_split(labels.tolist(), fraction, seed)
+    np.testing.assert_array_equal(train, expected[0])
+    np.testing.assert_array_equal(test, expected[1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 12345])
+def test_the_digits_split_is_scikit_learns_for_every_seed(seed: int) -> None:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    target = load_digits().target
+    expected = train_test_split(np.arange(len(target)), test_size=0.3, random_state=seed, stratify=target)
+    train, test = kdforge.stratified_split(target, 0.3, seed)
+    assert (len(train), len(test)) == (1257, 540)
+    np.testing.assert_array_equal(train, expected[0])
+    np.testing.assert_array_equal(test, expected[1])
+
+
+def test_digits_arrays_are_load_digits_without_importing_scikit_learn(tmp_path: Path) -> None:
+    code = ("import sys, numpy as np; from kdforge.plugins.datasets import digits_arrays; x, y = digits_arrays(); "
+            "assert 'sklearn' not in sys.modules, 'imported sklearn'; np.save(sys.argv[1], np.c_[x, y])")
+    out = tmp_path / "digits.npy"
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, timeout=120)
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    table = np.load(out)
+    np.testing.assert_array_equal(table[:, :-1], data.data)
+    np.testing.assert_array_equal(table[:, -1].astype(int), data.target)

@@ -200,6 +200,18 @@ def test_another_base_recipe_is_refused_by_an_existing_study(tmp_path: Path) -> 
         sweep(str(path))
 
 
+def test_a_study_whose_marks_are_half_written_is_joined_and_a_different_mark_is_refused(tmp_path: Path) -> None:
+    """Two workers start at once: one finds the other's study with only some of its marks written yet."""
+    s = sweeping.load_sweep(write_sweep(tmp_path))
+    study = optuna.create_study(study_name=s.name, storage=sweeping.make_storage(s), direction="maximize")
+    first = next(iter(sweeping.fingerprint(s).items()))
+    study.set_user_attr(*first)  # the other worker got this far
+    joined = sweeping.open_study(s, "maximize", "student/accuracy")
+    assert set(joined.user_attrs) == {*sweeping.fingerprint(s), "kdforge.metric"}
+    with pytest.raises(RecipeError, match="started with another metric"):
+        sweeping.open_study(s, "maximize", "student/top5_accuracy")
+
+
 def test_two_worker_processes_share_one_study_without_losing_or_repeating_a_trial(tmp_path: Path) -> None:
     path = write_sweep(tmp_path, trials=4, sampler={"name": "tpe", "seed": 0})
     command = [sys.executable, "-m", "kdforge.sweep", str(path), "--no-report"]
