@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -379,11 +380,23 @@ def actionable(exc: BaseException, recipe: Recipe) -> BaseException:
             f"trainer.mixed_precision: bf16; the last complete checkpoint is kept")
     if disk_full(exc, recipe.run_dir()):
         where = getattr(exc, "filename", None) or recipe.run_dir()
+        # the failed writer's frames hold its open file (a cycle through the traceback): close it
+        # now, or the full disk stays busy until the next garbage collection (kdforge.run in a loop)
+        release_frames(exc)
         return TrainingStopped(
             f"no space left on device writing {where}: free space or set output_dir on "
             f"another disk (fewer trainer.keep_checkpoints helps); the last complete checkpoint is kept, "
             f"continue with --resume")
     return exc
+
+
+def release_frames(exc: BaseException | None) -> None:
+    """Clear the locals of every frame in ``exc``'s tracebacks (its causes and contexts too)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 #: how torch's C++ writer and safetensors report a failed write (they raise no OSError(ENOSPC))

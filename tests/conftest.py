@@ -51,11 +51,28 @@ def base_recipe(tmp_path: Path, **changes: Any) -> dict[str, Any]:
     return recipe
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m kdforge ARGS`` in a subprocess and capture its output."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([*KDFORGE, *args], capture_output=True, text=True, env=full_env,
-                          cwd=cwd or ROOT, timeout=timeout)
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: int | None = None,
+            own_process: bool = False) -> subprocess.CompletedProcess:
+    """Run ``kdforge ARGS`` and capture its exit code, stdout and stderr.
+
+    In this process through ``kdforge.cli.main`` (an interpreter start with torch costs
+    seconds), except where a test needs a process of its own: ``own_process``, an ``env``
+    (plugin paths are read when plugins load), a ``timeout``, and ``kdforge plugins``
+    (entry points are read once per process).
+    """
+    if own_process or env is not None or timeout is not None or args[:1] == ("plugins",):
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run([*KDFORGE, *args], capture_output=True, text=True, env=full_env,
+                              cwd=cwd or ROOT, timeout=timeout or 300)
+    import contextlib
+    import io
+
+    from kdforge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd or ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["kdforge", *args], code, out.getvalue(), err.getvalue())
 
 
 def run_in_subprocess(recipe: dict[str, Any], tmp_path: Path, *args: str) -> dict[str, Any]:
@@ -70,7 +87,7 @@ def run_in_subprocess(recipe: dict[str, Any], tmp_path: Path, *args: str) -> dic
 
     path = tmp_path / "subprocess-recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    result = run_cli("run", str(path), *args)
+    result = run_cli("run", str(path), *args, own_process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((Path(recipe["output_dir"]) / "summary.json").read_text())
 

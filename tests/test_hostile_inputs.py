@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -202,23 +203,33 @@ def test_overwrite_removes_everything_an_earlier_run_wrote(tmp_path: Path) -> No
 
 
 def test_two_runs_in_one_directory_one_runs_the_other_is_refused(tmp_path: Path) -> None:
-    recipe = base_recipe(tmp_path, student={"name": "small_cnn", "params": {"channels": [16, 32]}},
-                         trainer={"epochs": 8, "batch_size": 32, "progress_bar": False, "log_every": 5})
+    recipe = base_recipe(tmp_path, trainer={"epochs": 2, "batch_size": 128, "progress_bar": False, "log_every": 5})
     path = write(tmp_path, recipe)
-    first = subprocess.Popen([*KDFORGE, "run", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    release = tmp_path / "release"
+    # the first run holds still after its first epoch until the second has been refused (no race on speed)
+    script = ("import sys, time, kdforge\n"
+              "from pathlib import Path\n"
+              "class Hold:\n"
+              "    def on_epoch_end(self, run):\n"
+              "        Path(sys.argv[2] + '.held').touch()\n"
+              "        while not Path(sys.argv[2]).exists(): time.sleep(0.02)\n"
+              "kdforge.run(sys.argv[1], callbacks=[Hold()])\n")
+    first = subprocess.Popen([sys.executable, "-c", script, str(path), str(release)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (tmp_path / "run/recipe.yaml").exists():
-        assert first.poll() is None and time.time() < deadline
+    while not (tmp_path / "release.held").exists():
+        assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() is not None else ""
         time.sleep(0.02)
     second = run_cli("run", str(path), "--overwrite")
     line = one_error_line(second, "in use by another kdforge run", f"pid {first.pid}")
     assert str(tmp_path / "run") in line
+    release.touch()
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
     steps = [json.loads(x)["step"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
              if "train/loss" in x]
     assert steps == sorted(set(steps))  # one run's records, in order
+    assert (tmp_path / "run/summary.json").is_file()
 
 
 def test_resume_and_overwrite_together_are_a_usage_error(finished) -> None:
@@ -240,6 +251,7 @@ def test_a_full_disk_while_checkpointing_is_one_message(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
         assert "no space left on device" in result.stderr.strip().splitlines()[-1]
     finally:
+        # busy if the run left a file open (the failed writer's frames held it until a garbage collection)
         subprocess.run(["umount", str(small)], check=True)
 
 
