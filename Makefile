@@ -7,7 +7,7 @@ TORCH_PINS := "torch==2.14.1" "torchvision==0.29.1"
 KDFORGE := $(BIN)/kdforge
 RUN := $(KDFORGE) run --overwrite
 
-.PHONY: demo test zoo install install-dev clean
+.PHONY: demo demo-lm test zoo bench docs docs-serve install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,18 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install --quiet ./tests/fixtures/kdforge-logit-l1 ./tests/fixtures/kdforge-regression
 	touch $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[bench]"
+	touch $@
+
+$(VENV)/.installed-lm: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[lm]"
+	touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[docs]"
+	touch $@
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
@@ -34,13 +46,36 @@ demo: $(VENV)/.installed
 	@echo
 	$(KDFORGE) compare runs/digits-teacher runs/digits-student runs/digits-kd
 
+## Language models on 2 CPU cores (minutes): a small code-model teacher trained on the standard library's
+## sources, a smaller student alone, and the student distilled with forward KL, JSD and on-policy; then compare.
+demo-lm: $(VENV)/.installed-lm
+	$(RUN) recipes/lm/teacher.yaml
+	$(RUN) recipes/lm/student.yaml
+	$(RUN) recipes/lm/kd-forward_kl.yaml
+	$(RUN) recipes/lm/kd-jsd.yaml
+	$(RUN) recipes/lm/kd-onpolicy.yaml
+	@echo
+	$(KDFORGE) compare runs/lm-teacher runs/lm-student runs/lm-kd-forward_kl runs/lm-kd-jsd runs/lm-kd-onpolicy
+
 ## Every method's digits recipe with 3 seeds, mean +- std against the student alone and plain kd (minutes).
 zoo: $(VENV)/.installed
 	$(BIN)/python benchmarks/zoo.py --seeds 0 1 2
 
+## kdforge next to a hand-written loop and torchdistill 1.1.5, interleaved rounds (see benchmarks/README.md; long).
+bench: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/bench.py
+
 ## Run the whole test suite.
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
+
+## Build the documentation site into site/ (strict: a broken link, anchor or API reference fails it).
+docs: $(VENV)/.installed-docs
+	$(BIN)/mkdocs build --strict --site-dir site
+
+## Serve the documentation site on http://127.0.0.1:8000 with live reload.
+docs-serve: $(VENV)/.installed-docs
+	$(BIN)/mkdocs serve --strict
 
 clean:
-	rm -rf runs build dist *.egg-info .pytest_cache
+	rm -rf runs build dist site *.egg-info .pytest_cache
