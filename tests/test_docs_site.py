@@ -1,8 +1,9 @@
 """The documentation site builds strictly, lists every page, and documents every public name.
 
-One ``mkdocs build --strict`` of the real site (mkdocs.yml at the repository root) is shared
-by the tests of this file; a second, tiny site checks that the strictness settings do turn
-a broken link, a missing anchor and a page left out of the nav into a failed build.
+One test builds the real site (mkdocs.yml at the repository root) with ``mkdocs build --strict``
+and reads the API page; a second, tiny site checks that the strictness settings do turn a
+broken link, a missing anchor and a page left out of the nav into a failed build. The other
+tests read the sources only.
 """
 
 from __future__ import annotations
@@ -71,25 +72,31 @@ def api_directives() -> list[str]:
     return DIRECTIVE.findall(API_PAGE.read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The real site built once: ``(site folder, mkdocs output)``; the build must pass."""
-    out = tmp_path_factory.mktemp("site")
-    done = build(ROOT / "mkdocs.yml", out, ROOT)
+def test_the_site_builds_strictly_and_the_api_page_renders_every_entry(tmp_path: Path) -> None:
+    """One build of the real site (the slow part: a single test, so that test workers do not each build it)."""
+    done = build(ROOT / "mkdocs.yml", tmp_path / "site", ROOT)
     log = done.stdout + done.stderr
     assert done.returncode == 0, f"mkdocs build --strict failed:\n{log[-6000:]}"
-    return out, log
-
-
-def test_the_site_builds_strictly_without_warnings(site: tuple[Path, str]) -> None:
-    out, log = site
     assert not re.search(r"^(WARNING|ERROR)\b", log, re.MULTILINE), log
+    assert "not included in the" not in log, log
+    out = tmp_path / "site"
     for page in ("index.html", "api/index.html", "report/index.html", "export/index.html", "sweep/index.html",
                  "plugins/losses/index.html"):
         assert (out / page).is_file(), page
+    page = out / "api" / "index.html"
+    source = page.read_text(encoding="utf-8")
+    for path in api_directives():
+        assert f'id="{path}"' in source, f"{path} has no entry on the rendered API page"
+    text = page_text(page)
+    for name in ("Task", "run", "validate", "RecipeError", "build_teacher", "Batch", "StepOutputs", "ExtraModel",
+                 "Callback", "load_student", "ReplayableDataset"):
+        doc = inspect.getdoc(getattr(kdforge, name))
+        assert doc, f"kdforge.{name} has no docstring"
+        first = doc_text(doc.splitlines()[0])
+        assert first in text, f"the first docstring line of kdforge.{name} is not on the API page: {first!r}"
 
 
-def test_every_page_is_in_the_nav(site: tuple[Path, str]) -> None:
+def test_every_page_is_in_the_nav_and_the_index_links_the_tool_pages() -> None:
     from mkdocs.utils.yaml import yaml_load
 
     with open(ROOT / "mkdocs.yml", encoding="utf-8") as fh:
@@ -100,7 +107,6 @@ def test_every_page_is_in_the_nav(site: tuple[Path, str]) -> None:
     assert not missing, f"pages missing from the nav in mkdocs.yml: {missing}"
     assert not [f for f in listed if not (DOCS / f).is_file()], "the nav names a page that does not exist"
     assert len(listed) == len(set(listed)), "a page is in the nav twice"
-    assert "not included in the nav" not in site[1]
     index = (DOCS / "index.md").read_text(encoding="utf-8")
     for page in ("report.md", "export.md", "sweep.md", "api.md"):
         assert f"]({page}" in index, f"docs/index.md does not link {page}"
@@ -117,20 +123,6 @@ def test_every_public_name_has_an_entry_on_the_api_page() -> None:
         module = documented[name].rsplit(".", 1)[0]
         defining = "kdforge" + kdforge._EXPORTS[name] if name in kdforge._EXPORTS else "kdforge"
         assert module == defining, f"docs/api.md documents {name} as {documented[name]}, defined in {defining}"
-
-
-def test_the_api_page_renders_every_entry_and_its_docstring(site: tuple[Path, str]) -> None:
-    page = site[0] / "api" / "index.html"
-    source = page.read_text(encoding="utf-8")
-    for path in api_directives():
-        assert f'id="{path}"' in source, f"{path} has no entry on the rendered API page"
-    text = page_text(page)
-    for name in ("Task", "run", "validate", "RecipeError", "build_teacher", "Batch", "StepOutputs", "ExtraModel",
-                 "Callback", "load_student", "ReplayableDataset"):
-        doc = inspect.getdoc(getattr(kdforge, name))
-        assert doc, f"kdforge.{name} has no docstring"
-        first = doc_text(doc.splitlines()[0])
-        assert first in text, f"the first docstring line of kdforge.{name} is not on the API page: {first!r}"
 
 
 def test_strictness_turns_broken_links_anchors_and_unlisted_pages_into_errors(tmp_path: Path) -> None:
