@@ -18,8 +18,8 @@ from typing import Any
 from .errors import RecipeError
 
 MANIFEST = "extra_models.json"
-#: a param value that stands for the run directory (so that a moved or copied run still loads)
 RUN_DIR = "{run_dir}"
+"""A param value of an ``ExtraModel`` that stands for the run directory (so a moved or copied run still loads)."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 

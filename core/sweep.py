@@ -322,14 +322,16 @@ def check_sweep(sweep: Sweep, *, dry_run: bool = True) -> tuple[str, str]:
     highs = {p.key: p.probe_values()[-1] for p in sweep.space.values()}
     every = {p.key: (p.choices if p.kind == "choice" else p.grid()) if sweep.sampler == "grid" else p.probe_values()
              for p in sweep.space.values()}
-    probes = [lows, highs] + [{key: v} for key, values in every.items() for v in values]
+    # one dimension at a time first, so that a failure names the dimension to blame; then all
+    # at their low and at their high ends together (a failure there is the combination's: "space")
+    probes = [{key: v} for key, values in every.items() for v in values] + [lows, highs]
     for probe in probes:
         try:
             validate_recipe_source(str(sweep.recipe), {**sweep.overrides, **probe})
         except RecipeError as exc:
             shown = ", ".join(f"{k}={v!r}" for k, v in probe.items())
             raise RecipeError(f"the space reaches a value the recipe refuses ({shown}): {exc}",
-                              key=f"space.{next(iter(probe))}") from None
+                              key=f"space.{next(iter(probe))}" if len(probe) == 1 else "space") from None
     try:
         recipe = validate_recipe_source(str(sweep.recipe), sweep.overrides, dry=dry_run)
     except RecipeError as exc:

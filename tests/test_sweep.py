@@ -90,6 +90,9 @@ def test_sweep_file_errors_name_their_key(tmp_path: Path, change: dict[str, Any]
                                                r"\(trainer.batch_size=0\)"),
     ({"optimizer.params.lrr": {"float": [0.001, 0.1]}}, "space.optimizer.params.lrr"),
     ({"losses[1].params.temperature": {"float": [1, 4]}}, "space.losses"),
+    # two dimensions, the second to blame: the error names it, not the first
+    ({"optimizer.params.lr": {"float": [0.001, 0.1]}, "trainer.batch_size": {"int": [0, 64]}},
+     r"^space.trainer.batch_size: "),
 ])
 def test_every_value_of_the_space_is_checked_before_any_trial(tmp_path: Path, space: dict[str, Any], message: str) -> None:
     path = write_sweep(tmp_path, space=space)
