@@ -127,10 +127,18 @@ class IndexedDataset(Dataset):
             return Gathered((index, gather(real)))
         if self.cache.params is not None:  # replayed augmentation: per sample
             return [self[i] for i in indices]
+        rows = real.numpy()
+        return Gathered((index, gather(real), self.cache.rows(rows, self._views(rows))))
+
+    def _views(self, rows: np.ndarray) -> np.ndarray:
+        """The stored view each of ``rows`` is trained on this epoch (all 0 with one view: no Python per sample)."""
+        views = self.cache.views
+        if views == 1:
+            return np.zeros(len(rows), dtype=np.int64)
         from .cache import view_of
 
-        views = [view_of(self.seed or 0, int(self.epoch[0]), int(i), self.cache.views) for i in real]
-        return Gathered((index, gather(real), self.cache.rows(real.numpy(), np.array(views))))
+        seed, epoch = self.seed or 0, int(self.epoch[0])
+        return np.fromiter((view_of(seed, epoch, i, views) for i in rows.tolist()), dtype=np.int64, count=len(rows))
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         # a negative index -1 - i is sample i repeated to pad an evaluation shard: the batch keeps the mark
