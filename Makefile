@@ -48,6 +48,8 @@ demo: $(VENV)/.installed
 
 ## Language models on 2 CPU cores (minutes): a small code-model teacher trained on the standard library's
 ## sources, a smaller student alone, and the student distilled with forward KL, JSD and on-policy; then compare.
+# One intra-op thread: these models are tiny, and two threads that wait on each other are far slower on shared cores.
+demo-lm: export OMP_NUM_THREADS := 1
 demo-lm: $(VENV)/.installed-lm
 	$(RUN) recipes/lm/teacher.yaml
 	$(RUN) recipes/lm/student.yaml

@@ -163,13 +163,32 @@ def plan_chain(args: argparse.Namespace) -> list[bool]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """``kdforge validate``."""
-    from .runner import validate_recipe_source as validate
+    """``kdforge validate``; with ``--dry-run``, also the memory estimate of a training batch."""
+    from .runner import dry_run_recipe, validate_recipe_source as validate
 
-    recipe = validate(args.recipe, args.overrides, dry=args.dry_run)
+    memory = None
+    if args.dry_run:
+        recipe, memory = dry_run_recipe(args.recipe, args.overrides)
+    else:
+        recipe = validate(args.recipe, args.overrides)
     emit(f"{args.recipe}: ok ({recipe.name}: {len(recipe.losses)} loss term(s), "
          f"{recipe.trainer.epochs} epoch(s){', one batch checked' if args.dry_run else ''})")
+    if memory is not None:
+        emit(format_memory(memory, recipe.trainer.batch_size))
     return EXIT_OK
+
+
+def format_memory(lines: list[Any], batch_size: int) -> str:
+    """The memory estimate as aligned lines with a total (``lines``: ``MemoryLine``s)."""
+    from .profiling import human_bytes
+
+    rows = [(line.label, human_bytes(line.bytes)) for line in lines]
+    rows.append(("total", human_bytes(sum(line.bytes for line in lines))))
+    width = max(len(label) for label, _ in rows)
+    size_width = max(len(size) for _, size in rows)
+    text = [f"memory estimate for a training batch of {batch_size} per process (activations not included):"]
+    text += [f"  {label:<{width}}  {size:>{size_width}}" for label, size in rows]
+    return "\n".join(text)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

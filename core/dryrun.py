@@ -17,7 +17,7 @@ from .build import BuiltRun, private_rng
 from .errors import RecipeError
 from .extensions import teacher_members
 from .forward import step_outputs, teacher_outputs
-from .outputs import Batch
+from .outputs import Batch, StepOutputs
 from .taps import FeatureTaps
 from .tasks import BatchError, IndexedCollate, IndexedDataset, read_batch
 
@@ -88,17 +88,18 @@ def check_model(built: BuiltRun, who: str, model: nn.Module, batch: Batch, key: 
 
 
 def dry_run(built: BuiltRun, student_taps: FeatureTaps, teacher_taps: FeatureTaps | None,
-            device: torch.device | str = "cpu") -> None:
+            device: torch.device | str = "cpu") -> StepOutputs:
     """Push one small batch through teacher, student and every loss; raise ``RecipeError`` on a mismatch.
 
     Runs under the recipe's private seed, so what it builds (connectors) is the same in every run.
+    Returns what the losses saw (for the memory estimate).
     """
     with private_rng(built.recipe.seed):
-        _dry_run(built, student_taps, teacher_taps, device)
+        return _dry_run(built, student_taps, teacher_taps, device)
 
 
 def _dry_run(built: BuiltRun, student_taps: FeatureTaps, teacher_taps: FeatureTaps | None,
-             device: torch.device | str) -> None:
+             device: torch.device | str) -> StepOutputs:
     batch = sample_batch(built, built.splits.train).to(device)
     teacher_out, teachers = None, []
     if built.teacher is not None:
@@ -131,6 +132,7 @@ def _dry_run(built: BuiltRun, student_taps: FeatureTaps, teacher_taps: FeatureTa
                           "(a loss must return a tensor connected to out.student)", key="losses")
     if built.splits.eval is not None and len(built.splits.eval):  # type: ignore[arg-type]
         _check_eval(built, student_taps, device)
+    return out
 
 
 def _check_eval(built: BuiltRun, student_taps: FeatureTaps, device: torch.device | str) -> None:

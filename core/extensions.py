@@ -167,6 +167,20 @@ class ReportsScalars(Protocol):
 
 
 @runtime_checkable
+class EstimatesMemory(Protocol):
+    """A loss that knows the memory it allocates beyond the logits (chunks, buffers), for the dry run's estimate.
+
+    ``kdforge validate --dry-run`` calls it once, after the dry run, with the dry run's
+    outputs (a few samples) and the trainer's ``batch_size``; each returned line is printed
+    with the parameters, optimizer state and logits, and counted in the total.
+    """
+
+    def memory_estimate(self, out: StepOutputs, batch_size: int) -> Mapping[str, int]:
+        """Bytes by label of this loss's largest transients on a training batch of ``batch_size`` samples."""
+        ...
+
+
+@runtime_checkable
 class ExportsFiles(Protocol):
     """A loss that writes what it learned into the run directory when the run ends."""
 
@@ -304,6 +318,7 @@ _PARTS: dict[type, tuple[tuple[str, bool], ...]] = {
     ExtraOutputs: (("eval_logits", True),),
     ExportsFiles: (("export", True),),
     ReportsScalars: (("scalars", True),),
+    EstimatesMemory: (("memory_estimate", True),),
     TransformsBatch: (("transform_batch", True),),
     Generator: (("generate", True),),
     ReplaysAugmentation: (("augmentation_spec", True), ("draw_augmented", True), ("replay_augmented", True)),
@@ -311,7 +326,7 @@ _PARTS: dict[type, tuple[tuple[str, bool], ...]] = {
 _ROLES: dict[str, tuple[type, ...]] = {
     "teacher": (CompositeTeacher, FollowsStudent, RenamesTaps),
     "student": (RenamesTaps,),
-    "loss": (ExtraOutputs, ExportsFiles, ReportsScalars, TransformsBatch),
+    "loss": (ExtraOutputs, ExportsFiles, ReportsScalars, TransformsBatch, EstimatesMemory),
     "task": (TransformsBatch,),
     "generator": (Generator,),
 }
@@ -386,6 +401,11 @@ def teacher_members(teacher: nn.Module | None) -> list[nn.Module]:
     if teacher is not None and _has(teacher, "members") and callable(getattr(teacher, "combine", None)):
         return list(teacher.members)
     return []
+
+
+def estimates_memory(obj: Any) -> bool:
+    """Whether ``obj`` implements ``EstimatesMemory``."""
+    return callable(getattr(obj, "memory_estimate", None))
 
 
 def follows_student(teacher: nn.Module | None) -> bool:

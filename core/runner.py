@@ -27,6 +27,7 @@ from .errors import RecipeError, TrainingStopped
 from .io import write_text_atomic
 from .console import is_quiet, note
 from .loop import Session, fit, load_checkpoint, prepare_session
+from .memory import MemoryLine, estimate_memory
 from .recipe import Recipe, load_recipe
 from .state import RunState
 from .taps import FeatureTaps, resolve_tap
@@ -73,16 +74,24 @@ def remove_taps(*taps: FeatureTaps | None) -> None:
 # -- validate -----------------------------------------------------------------------------
 def validate_recipe_source(recipe_source: Any, overrides: Any = None, *, dry: bool = False) -> Recipe:
     """Check a recipe without training: static checks, and with ``dry`` one batch through the models."""
+    if dry:
+        return dry_run_recipe(recipe_source, overrides)[0]
     recipe = load_recipe(recipe_source, overrides)
     check_recipe(recipe)
-    if dry:
-        built = build_run(recipe)
-        student_taps, teacher_taps = install_taps(built)
-        try:
-            dry_run(built, student_taps, teacher_taps)
-        finally:
-            remove_taps(student_taps, teacher_taps)
     return recipe
+
+
+def dry_run_recipe(recipe_source: Any, overrides: Any = None) -> tuple[Recipe, list[MemoryLine]]:
+    """Static checks and one batch through the models; with the memory estimate of a training batch."""
+    recipe = load_recipe(recipe_source, overrides)
+    check_recipe(recipe)
+    built = build_run(recipe)
+    student_taps, teacher_taps = install_taps(built)
+    try:
+        out = dry_run(built, student_taps, teacher_taps)
+    finally:
+        remove_taps(student_taps, teacher_taps)
+    return recipe, estimate_memory(built, out, recipe.trainer.batch_size)
 
 
 # -- process-wide settings, scoped to the run ---------------------------------------------

@@ -346,19 +346,22 @@ class TokenKD(nn.Module):
         fn, teacher, _ = self._teacher_view(out, student.shape[-1], targets)
         return token_mean(fn, _rows(student), targets.reshape(-1) != IGNORE_INDEX, teacher, self.chunk_size)
 
-    def memory_estimate(self, out: StepOutputs, tokens: int | None = None) -> dict[str, int]:
-        """Bytes of this loss's largest transient: one chunk's float32 ``(rows, vocab)`` temporaries.
+    def memory_estimate(self, out: StepOutputs, batch_size: int | None = None) -> dict[str, int]:
+        """Bytes of this loss's largest transient: one chunk's float32 ``(rows, vocab)`` temporaries (``EstimatesMemory``).
 
-        ``rows`` is ``chunk_size``, or every token of the batch when unchunked (``tokens``
-        overrides the batch's token count, e.g. batch_size x seq_len for a dry-run batch
-        smaller than the trainer's). ``FLOAT32_COPIES`` such tensors are alive at the peak
-        (measured by benchmarks/lm_memory.py). The logits' own gradient is not included.
+        ``rows`` is ``chunk_size``, or every token of the batch when unchunked; ``batch_size``
+        (the trainer's, for a dry-run batch of fewer samples) sets the batch's tokens to
+        ``batch_size`` x the sequence length of ``out``. ``FLOAT32_COPIES`` such tensors are
+        alive at the peak (measured by benchmarks/lm_memory.py). The logits' own gradient is
+        not included.
         """
         logits = out.student.logits
-        tokens = int(logits.shape[0] * logits.shape[1]) if tokens is None else int(tokens)
+        samples = int(logits.shape[0]) if batch_size is None else int(batch_size)
+        tokens = samples * int(logits.shape[1])
         rows = tokens if self.chunk_size is None else min(int(self.chunk_size), tokens)
         vocab = int(logits.shape[-1])
-        return {"token_kd chunk (float32)": rows * vocab * 4 * FLOAT32_COPIES.get(self.divergence, 12)}
+        what = f"{rows:,} tokens x {vocab:,} float32, {self.divergence}"
+        return {f"token_kd chunk ({what})": rows * vocab * 4 * FLOAT32_COPIES.get(self.divergence, 12)}
 
     # -- on-policy distillation ---------------------------------------------------------------
     def transform_batch(self, batch: Batch, run: RunContext) -> Batch:

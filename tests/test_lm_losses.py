@@ -369,5 +369,5 @@ def test_memory_estimate_can_be_asked_for_the_trainer_batch() -> None:
     student, teacher, targets = random_case(15, batch=2, seq=8, vocab=100)
     out = outputs(student, teacher, targets)
     (small,) = kd(chunk_size=64).memory_estimate(out).values()
-    (full,) = kd(chunk_size=64).memory_estimate(out, tokens=16 * 8).values()
+    (full,) = kd(chunk_size=64).memory_estimate(out, batch_size=16).values()  # 16 x 8 tokens: a full chunk
     assert small == 16 * 100 * 4 * 8 and full == 64 * 100 * 4 * 8
