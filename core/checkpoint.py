@@ -13,8 +13,10 @@ everything an earlier run wrote, and only that.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -214,6 +216,27 @@ def _discard(checkpoint: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+class _TiedWeightsNotice(logging.Filter):
+    """Drops Accelerate's notice that a tied weight (GPT-2's ``lm_head``) is stored once.
+
+    It is printed at every checkpoint of such a model, and is harmless: safetensors' loader
+    restores the tie (tested by resuming a tied-weight LM to the same weights).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_tied_weights() -> Any:
+    logger, notice = logging.getLogger("accelerate.utils.other"), _TiedWeightsNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def save_checkpoint(accelerator: Any, run_dir: Path, tag: str, state: dict[str, Any], keep: int,
                     extra: Callable[[Path], None] | None = None) -> Path:
     """Write a complete checkpoint atomically; keep only the newest ``keep``. All processes call this."""
@@ -225,7 +248,8 @@ def save_checkpoint(accelerator: Any, run_dir: Path, tag: str, state: dict[str, 
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with _quiet_tied_weights():
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if extra is not None:

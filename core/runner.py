@@ -132,7 +132,7 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Any:
     wandb_spec = recipe.tracking.wandb
     log_with = ["wandb"] if wandb_spec is not None and wandb_spec.mode != "disabled" else None
     try:
-        return Accelerator(
+        accelerator = Accelerator(
             # Without cpu=True, processes started by `accelerate launch --multi_gpu` on a machine
             # without a GPU would each train alone, silently, instead of forming a gloo group.
             cpu=use_cpu,
@@ -150,6 +150,22 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Any:
             f"this Python process already trained with another mixed precision, and Accelerate fixes it once per "
             f"process; run this recipe in its own `kdforge run` (or a fresh Python process) "
             f"({trainer.mixed_precision!r} asked)", key="trainer.mixed_precision") from None
+    warn_unsharded(accelerator)
+    return accelerator
+
+
+def warn_unsharded(accelerator: Any) -> None:
+    """Say so when ``accelerate launch --use_fsdp`` asked for FSDP and Accelerate did not shard.
+
+    Without a GPU, Accelerate runs plain DDP (or one process alone) and ignores the FSDP
+    flags without a word: every process then holds the whole student.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() not in ("1", "true", "yes", "on"):
+        return
+    kind = str(getattr(accelerator, "distributed_type", ""))
+    if "FSDP" not in kind and accelerator.is_main_process:
+        note(f"FSDP was asked for (accelerate launch --use_fsdp), but Accelerate runs {kind.split('.')[-1]} here "
+             f"(no GPU): the student is not sharded, every process holds all of it")
 
 
 # -- run ----------------------------------------------------------------------------------

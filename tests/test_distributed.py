@@ -76,3 +76,21 @@ def test_an_eval_split_smaller_than_the_process_count(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["student/accuracy"] in (0.0, 1.0)  # the one sample, counted once
+
+
+@pytest.mark.slow
+def test_fsdp_asked_for_without_a_gpu_says_it_does_not_shard(tmp_path: Path) -> None:
+    # Accelerate runs plain DDP over gloo here and ignores --use_fsdp without a word; kdforge says so
+    recipe = base_recipe(tmp_path, trainer={"epochs": 1, "batch_size": 64, "progress_bar": False})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "kdforge", "run", str(path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["num_processes"] == 2
+    notes = [line for line in result.stderr.splitlines() if "FSDP was asked for" in line]
+    assert len(notes) == 1 and "runs MULTI_CPU here" in notes[0] and "not sharded" in notes[0], result.stderr[-2000:]

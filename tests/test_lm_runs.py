@@ -210,3 +210,75 @@ def test_two_cpu_processes_distill_a_language_model(lm_root: Path, lm_teacher: P
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["student/perplexity"] is not None
     assert len(summary["train/samples_seen_per_process"]) == 2
+
+
+def test_validate_dry_run_prints_the_memory_estimate(lm_root: Path, lm_teacher: Path, tmp_path: Path) -> None:
+    student = hf(SMALLER)
+    r = recipe(lm_root, "estimate", student, [{"name": "lm_ce"}, {"name": "token_kd", "params": {"chunk_size": 48}}],
+               teacher=checkpoint(lm_teacher), output_dir=str(tmp_path / "never"))
+    path = tmp_path / "estimate.yaml"
+    path.write_text(yaml.safe_dump(r))
+    result = run_cli("validate", "--dry-run", str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert "memory estimate for a training batch of 16 per process" in result.stdout
+
+    def size_of(prefix: str) -> str:
+        found = [line for line in lines if line.strip().startswith(prefix)]
+        assert len(found) == 1, (prefix, result.stdout)
+        return found[0].split()[-2] + " " + found[0].split()[-1]
+
+    from kdforge.profiling import human_bytes
+
+    vocab = json.loads((lm_teacher / "summary.json").read_text())["data/vocab_size"]
+    built = kdforge.load_student(lm_teacher)  # the teacher's architecture, rebuilt from its run
+    teacher_params = sum(p.numel() for p in built.parameters())
+    assert f"teacher parameters ({teacher_params:,})" in result.stdout
+    assert size_of("teacher parameters") == human_bytes(4 * teacher_params)
+    # AdamW keeps two float32 moments per trainable element (plus a step counter per tensor)
+    student_line = next(line for line in lines if line.strip().startswith("student parameters"))
+    n_student = int(student_line.split("(")[1].split(")")[0].replace(",", ""))
+    assert size_of("gradients of the trainable parameters") == human_bytes(4 * n_student)
+    value, unit = size_of("optimizer state (adamw)").split()
+    assert float(value) * {"KiB": 2**10, "MiB": 2**20}[unit] == pytest.approx(8 * n_student, rel=0.02)
+    # 16 samples x 32 positions of logits (float32), twice for the student (their gradient)
+    assert f"student logits and their gradient (16 x 32 x {vocab}, torch.float32)" in result.stdout
+    assert size_of("student logits") == human_bytes(2 * 16 * 32 * vocab * 4)
+    assert f"48 tokens x {vocab:,} float32, forward_kl" in result.stdout  # token_kd reports one chunk
+    assert lines[-1].strip().startswith("total")
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_tied_weight_lm_resumes_to_the_same_weights(lm_root: Path, tmp_path: Path) -> None:
+    # GPT-2 ties lm_head to the token embedding: the checkpoint stores the shared tensor once
+    def lm(out: Path, epochs: int) -> dict:
+        return recipe(lm_root, "resume", hf(SMALLER), [{"name": "lm_ce"}], output_dir=str(out),
+                      trainer={"epochs": epochs, "batch_size": 16, "progress_bar": False})
+
+    kdforge.run(lm(tmp_path / "full", 2))
+    kdforge.run(lm(tmp_path / "cut", 1))
+    kdforge.run(lm(tmp_path / "cut", 2), resume=True)
+    full, resumed = load_state_dict(tmp_path / "full" / "student.safetensors"), load_state_dict(tmp_path / "cut" / "student.safetensors")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    model = kdforge.load_student(tmp_path / "cut")
+    assert model.hf.lm_head.weight.data_ptr() == model.hf.transformer.wte.weight.data_ptr()  # still tied
+
+
+def test_the_documented_generation_script_matches_teacher_completions(lm_root: Path, lm_teacher: Path) -> None:
+    # docs/lm.md, "Sequence-level KD": generate_completions by hand gives the dataset's completions
+    from kdforge.plugins.lm_data import generate_completions
+    from kdforge.plugins.lm_models import HFGenerate
+
+    data = text_data(lm_root)["params"]
+    params = {"data": text_data(lm_root), "teacher": checkpoint(lm_teacher), "max_new_tokens": 5, "prompt_tokens": 8,
+              "batch_size": 16, "cache_dir": str(lm_root / "cache")}
+    dataset = kdforge.create("dataset", "teacher_completions", **params)
+    splits = kdforge.create("dataset", "text", **{**data, "tokenizer": str(lm_teacher / "tokenizer")})
+    teacher = kdforge.load_student(lm_teacher).eval()
+    rows = generate_completions(teacher, splits.train, splits.collate_fn, HFGenerate(max_new_tokens=5, temperature=0.0, prompt_tokens=8))
+    assert len(rows) == len(dataset.train)
+    for i in (0, len(rows) // 2, len(rows) - 1):
+        ids, labels, prompt = rows[i]
+        assert prompt == 8 and labels[:8] == [-100] * 8
+        assert ids == dataset.train[i]["input_ids"].tolist()
