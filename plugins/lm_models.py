@@ -104,6 +104,17 @@ class HFCausalLM(nn.Module):
         ``state_dict`` (this wrapper's keys, ``hf.``...) replaces the module's own weights, for
         sharded models whose full weights were gathered first.
         """
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Writing model shards" bar under the run's own (and under --quiet)
+        try:
+            return self._export(directory, state_dict)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    def _export(self, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> dict[str, str]:
         written: dict[str, str] = {}
         target = directory / EXPORT_DIR
         if self.lora:

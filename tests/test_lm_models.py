@@ -150,3 +150,14 @@ def test_a_full_student_exports_with_save_pretrained(tmp_path: Path, monkeypatch
     tokenizer = json.loads((run / "tokenizer" / "tokenizer_config.json").read_text())
     assert config["eos_token_id"] is not None and tokenizer["eos_token"] == "<|endoftext|>"
     assert not (run / "hf-lora").exists()
+
+
+def test_export_prints_no_progress_bar_of_its_own(tmp_path: Path, capfd) -> None:
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    tiny().export(tmp_path)
+    assert (tmp_path / "hf" / "config.json").is_file()
+    captured = capfd.readouterr()
+    assert "Writing model shards" not in captured.err + captured.out
+    assert hf_logging.is_progress_bar_enabled()  # restored for the user's own transformers calls
