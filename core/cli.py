@@ -276,9 +276,9 @@ def headline_of(summary: dict[str, Any]) -> tuple[str, bool]:
 
 
 def _metric(value: Any, metric: str) -> str:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return "-"
-    return f"{100 * value:.2f}%" if "accuracy" in metric else f"{value:.4g}"
+    from .console import metric_text
+
+    return metric_text(metric, value, missing="-")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ process, and nothing at all under ``--quiet`` (``set_quiet``).
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,15 @@ def note(message: str) -> None:
         print(f"kdforge: note: {message}", file=sys.stderr, flush=True)
 
 
-def metric_text(name: str, value: Any) -> str:
-    """A metric for people: accuracies in percent, other numbers with 4 significant digits."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return "n/a"
-    return f"{100 * value:.2f}%" if "accuracy" in name else f"{value:.4g}"
+def metric_text(name: str, value: Any, missing: str = "n/a") -> str:
+    """A metric for people: accuracies in percent, other numbers with 4 significant digits.
+
+    Trailing zeros are kept (perplexity 79.00, not 79), so a column of values lines up.
+    ``missing`` stands in for a value that is absent or not a finite number.
+    """
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return missing
+    return f"{100 * value:.2f}%" if "accuracy" in name else f"{value:#.4g}"
 
 
 class RunBars:

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .console import metric_text
 from .errors import RecipeError
 from .report_data import RunData, SampleData, load_run, sample_batch
 
@@ -284,10 +285,8 @@ def human_count(value: float | None, unit: str = "") -> str:
 
 
 def format_metric(value: float | None, metric: str) -> str:
-    """Accuracy-like metrics in percent, others with four significant digits."""
-    if value is None:
-        return "-"
-    return f"{100 * value:.2f}%" if "accuracy" in metric else f"{value:.4g}"
+    """Accuracy-like metrics in percent, others with four significant digits ("-" when missing)."""
+    return metric_text(metric, value, missing="-")
 
 
 def table_rows(report: CompressionReport) -> tuple[list[str], list[list[str]]]:

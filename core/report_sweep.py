@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .console import metric_text
 from .report_figures import DPI, Figure, _style_axes, figure_pixels, metric_title, pyplot, save_png
 
 if TYPE_CHECKING:
@@ -212,9 +212,7 @@ def _e(value: Any) -> str:
 
 
 def _value(value: Any, metric: str) -> str:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        return "-"
-    return f"{100 * value:.2f}%" if "accuracy" in metric else f"{value:.4g}"
+    return metric_text(metric, value, missing="-")
 
 
 def render(sweep: "Sweep", records: list[dict[str, Any]], best: list[dict[str, Any]], figures: list[Figure],

@@ -404,3 +404,15 @@ def test_mid_epoch_resume_is_exact_with_workers_and_random_augmentation(tmp_path
     a = load_file(str(tmp_path / "full/run/student.safetensors"))
     b = load_file(str(tmp_path / "cut/run/student.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+
+def test_compare_keeps_trailing_zeros_so_a_column_lines_up(tmp_path: Path) -> None:
+    for name, value in (("round", 79.00299567245172), ("other", 76.85226950630998)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"name": name, "headline": {"metric": "perplexity", "higher_is_better": False},
+             "student/perplexity": value}))
+    result = run_cli("compare", str(tmp_path / "round"), str(tmp_path / "other"))
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[2:]}
+    assert rows == {"round": "79.00", "other": "76.85"}
