@@ -68,3 +68,18 @@ def test_bench_smoke_on_digits(bench, tmp_path):
         assert text in table, text
     assert "warnings:" not in table
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_kd_term_cost_times_its_three_steps(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("kd_term_cost", None)
+    import kd_term_cost
+
+    threads = torch.get_num_threads()
+    try:
+        medians = kd_term_cost.main(["--rounds", "1", "--steps", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(medians) == {"ce", "kd", "ce+kd"} and all(ms > 0 for ms in medians.values())
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[1:]] == ["ce", "kd", "ce+kd"]
