@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .console import is_quiet
 from .errors import RecipeError
 from .extensions import follows_student, teacher_members
 from .outputs import Batch, ModelOutputs
@@ -306,10 +308,10 @@ class CacheBuilder:
         trainer = built.recipe.trainer
         shard = list(range(acc.process_index, n, acc.num_processes))
         bar = None
-        if acc.is_local_main_process and trainer.progress_bar:
+        if acc.is_local_main_process and trainer.progress_bar and not is_quiet():
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(shard) * views, desc="teacher cache", leave=False, dynamic_ncols=True)
+            bar = tqdm(total=len(shard) * views, desc="teacher cache", leave=False, dynamic_ncols=True, file=sys.stderr)
         teacher = built.teacher.eval()
         for view in range(views):
             dataset = ViewDataset(built.splits.train, view, built.recipe.seed, built.splits.random_transforms)

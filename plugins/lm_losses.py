@@ -294,6 +294,8 @@ class TokenKD(nn.Module):
         self.generator = None
         if lmbda > 0.0:
             self.generator = build_plugin("generator", generator or {"name": "hf_generate"}, key=".generator")
+        else:  # off-policy: no TransformsBatch, so the batches stay the data's own (and teacher.cache applies)
+            self.transform_batch = None
         self._checked_targets = False
 
     # -- the vocabulary both sides are compared on -------------------------------------------

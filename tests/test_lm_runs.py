@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -282,3 +283,48 @@ def test_the_documented_generation_script_matches_teacher_completions(lm_root: P
         ids, labels, prompt = rows[i]
         assert prompt == 8 and labels[:8] == [-100] * 8
         assert ids == dataset.train[i]["input_ids"].tolist()
+
+
+def test_token_kd_trains_from_the_teacher_cache(lm_root: Path, lm_teacher: Path, tmp_path: Path) -> None:
+    """Off-policy token_kd reads a teacher cache: dense float32 gives the online weights bit for bit, and a
+    top-k cache (k values, k int32 indices and a float32 tail per token) trains like token_kd's own top_k."""
+    def run(name: str, losses: list, cache: dict | None = None) -> dict:
+        teacher = {**checkpoint(lm_teacher), **({"cache": {"dir": str(tmp_path / "cache"), **cache}} if cache else {})}
+        return kdforge.run(recipe(lm_root, name, hf(SMALLER), losses, teacher, output_dir=str(tmp_path / name)),
+                           overwrite=True)
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        return load_state_dict(tmp_path / name / "student.safetensors")
+
+    dense = [{"name": "token_kd", "params": {"divergence": "forward_kl", "chunk_size": 100}}]
+    run("online", dense)
+    built, reused = run("built", dense, {"dtype": "float32"}), run("reused", dense, {"dtype": "float32"})
+    assert (built["teacher/cache"]["status"], reused["teacher/cache"]["status"]) == ("built", "reused")
+    online = weights("online")
+    assert all(torch.equal(online[k], weights(n)[k]) for n in ("built", "reused") for k in online)
+
+    sparse = [{"name": "token_kd", "params": {"divergence": "jsd", "beta": 0.5, "top_k": 8}}]
+    run("online-top8", sparse)
+    cached = run("cached-top8", sparse, {"dtype": "float32", "top_k": 8})
+    files = Path(cached["teacher/cache"]["path"])
+    stored = {name: np.load(files / f"{name}.npy", mmap_mode="r") for name in ("values", "indices", "tail")}
+    blocks = json.loads((files / "meta.json").read_text())["samples"]  # keyed by sample index: one row per block
+    assert stored["values"].shape == stored["indices"].shape == (blocks, 1, 1, 32, 8)  # (views, members, seq, k)
+    assert stored["tail"].shape == (blocks, 1, 1, 32) and stored["indices"].dtype == np.int32
+    per_token = sum(a.nbytes for a in stored.values()) / (blocks * 32)
+    assert per_token == 8 * 4 + 8 * 4 + 4  # float32 values here; float16 at k = 64 is 388 bytes a token
+    a, b = weights("online-top8"), weights("cached-top8")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not all(torch.equal(a[k], online[k]) for k in a)  # top-8 is not the dense run
+
+
+def test_on_policy_token_kd_with_a_teacher_cache_is_a_recipe_error(lm_root: Path, lm_teacher: Path,
+                                                                    tmp_path: Path) -> None:
+    teacher = {**checkpoint(lm_teacher), "cache": {"dir": str(tmp_path / "cache")}}
+    on_policy = [{"name": "token_kd", "params": {"lmbda": 0.5, "generator": {"name": "hf_generate", "params": {
+        "max_new_tokens": 4, "prompt_tokens": 16}}}}]
+    with pytest.raises(kdforge.RecipeError, match="rewrites batches") as caught:
+        kdforge.run(recipe(lm_root, "on-policy-cached", hf(SMALLER), on_policy, teacher,
+                           output_dir=str(tmp_path / "run")), overwrite=True)
+    assert caught.value.key == "teacher.cache"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

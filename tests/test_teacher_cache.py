@@ -251,3 +251,16 @@ def test_image_folders_with_augmentation_are_cached_as_replayed_views(tmp_path: 
     with torch.no_grad():
         expected = model(replayed.unsqueeze(0))[0]
     assert torch.allclose(torch.from_numpy(np.array(cache.arrays["logits"][3, 1, 0])), expected, atol=1e-5)
+
+
+def test_quiet_hides_the_cache_build_bar(tmp_path: Path, digits_teacher: Path) -> None:
+    recipe = kd_recipe(tmp_path, digits_teacher, {"dtype": "float16"})
+    recipe["trainer"].update(progress_bar=True, epochs=1)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    quiet = run_cli("run", "--quiet", str(path))
+    assert quiet.returncode == 0, quiet.stderr
+    assert "teacher cache" not in quiet.stderr and quiet.stderr.strip() == ""
+    shutil.rmtree(tmp_path / "cache")
+    loud = run_cli("run", "--overwrite", str(path))  # the bar is there without --quiet: the test can fail
+    assert loud.returncode == 0 and "teacher cache" in loud.stderr
