@@ -34,11 +34,16 @@ def note(message: str) -> None:
 def metric_text(name: str, value: Any, missing: str = "n/a") -> str:
     """A metric for people: accuracies in percent, other numbers with 4 significant digits.
 
-    Trailing zeros are kept (perplexity 79.00, not 79), so a column of values lines up.
-    ``missing`` stands in for a value that is absent or not a finite number.
+    Trailing zeros are kept (perplexity 79.00, not 79), so a column of values lines up; whole
+    numbers print as they are, and a diverged value as ``nan`` or ``inf``. ``missing`` stands
+    in for a value that is absent or not a number.
     """
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         return missing
+    if isinstance(value, int):
+        return f"{100 * value}%" if "accuracy" in name else str(value)
+    if not math.isfinite(value):
+        return str(value)
     return f"{100 * value:.2f}%" if "accuracy" in name else f"{value:#.4g}"
 
 

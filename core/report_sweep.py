@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -212,6 +213,8 @@ def _e(value: Any) -> str:
 
 
 def _value(value: Any, metric: str) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "-"  # a failed or pruned trial's objective
     return metric_text(metric, value, missing="-")
 
 

@@ -9,11 +9,12 @@ trained student exports itself with ``save_pretrained`` when the run ends.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import shutil
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Iterator, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +40,33 @@ class LoraSpec(BaseModel):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     target_modules: list[str] | None = None  # None: peft's default for the architecture
 
+
+
+@contextlib.contextmanager
+def _no_transformers_bars() -> Iterator[None]:
+    """transformers' and huggingface_hub's progress bars off, then each put back as it was.
+
+    transformers' switch also flips the hub's, so the hub's own setting is restored separately
+    (a user who turned off only the hub's bars keeps them off).
+    """
+    import warnings
+
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    bars, hub_bars = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the hub's "cannot enable" when HF_HUB_DISABLE_PROGRESS_BARS=1
+            if bars:
+                hf_logging.enable_progress_bar()
+            if hub_bars:
+                hub_utils.enable_progress_bars()
+            else:
+                hub_utils.disable_progress_bars()
 
 class HFCausalLM(nn.Module):
     """A Hugging Face causal LM (``self.hf``, a PreTrainedModel or a peft model) as a kdforge model.
@@ -104,15 +132,8 @@ class HFCausalLM(nn.Module):
         ``state_dict`` (this wrapper's keys, ``hf.``...) replaces the module's own weights, for
         sharded models whose full weights were gathered first.
         """
-        from transformers.utils import logging as hf_logging
-
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a "Writing model shards" bar under the run's own (and under --quiet)
-        try:
+        with _no_transformers_bars():  # a "Writing model shards" bar under the run's own (and under --quiet)
             return self._export(directory, state_dict)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
 
     def _export(self, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> dict[str, str]:
         written: dict[str, str] = {}

@@ -416,3 +416,11 @@ def test_compare_keeps_trailing_zeros_so_a_column_lines_up(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[2:]}
     assert rows == {"round": "79.00", "other": "76.85"}
+
+
+def test_metric_text_shows_a_diverged_value_and_whole_numbers_as_they_are() -> None:
+    from kdforge.console import metric_text
+
+    assert metric_text("perplexity", float("nan")) == "nan" and metric_text("perplexity", float("inf")) == "inf"
+    assert metric_text("mse", 5) == "5" and metric_text("mse", 10**400) == str(10**400)  # no OverflowError
+    assert metric_text("accuracy", 0.9519) == "95.19%" and metric_text("mse", None, missing="-") == "-"

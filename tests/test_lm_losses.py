@@ -119,6 +119,24 @@ def test_each_divergence_matches_the_float64_reference(kind: str, temperature: f
     assert value.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_each_gradient_matches_finite_differences_of_the_float64_reference(kind: str, chunk_size: int | None) -> None:
+    """d loss / d student logits against central differences of the numpy formula (no autograd in the reference)."""
+    student, teacher, targets = random_case(4, seq=3, vocab=7)
+    params = {"temperature": 2.0, "beta": 0.3, "alpha": 0.2}
+    _, grad = value_and_grad(kd(divergence=kind, chunk_size=chunk_size, **params), student, teacher, targets)
+    s64, t64, y = student.numpy().astype(np.float64), teacher.numpy(), targets.numpy()
+    expected, h = np.zeros_like(s64), 1e-6
+    for i in np.ndindex(*s64.shape):
+        up, down = s64.copy(), s64.copy()
+        up[i] += h
+        down[i] -= h
+        expected[i] = (reference_loss(kind, up, t64, y, **params) - reference_loss(kind, down, t64, y, **params)) / (2 * h)
+    assert np.abs(expected).max() > 1e-3  # a real gradient, not zeros on both sides
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-3, atol=2e-6)
+
+
 def test_hand_computed_values() -> None:
     # one token, two classes: p_T = (0.8, 0.2), p_S = (0.5, 0.5)
     teacher = torch.log(torch.tensor([[[0.8, 0.2]]]))

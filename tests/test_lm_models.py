@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -152,12 +153,22 @@ def test_a_full_student_exports_with_save_pretrained(tmp_path: Path, monkeypatch
     assert not (run / "hf-lora").exists()
 
 
-def test_export_prints_no_progress_bar_of_its_own(tmp_path: Path, capfd) -> None:
+@pytest.mark.parametrize("hub_bars", [True, False])
+def test_export_prints_no_progress_bar_of_its_own(hub_bars: bool, tmp_path: Path, capfd) -> None:
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
-    assert hf_logging.is_progress_bar_enabled()
-    tiny().export(tmp_path)
-    assert (tmp_path / "hf" / "config.json").is_file()
-    captured = capfd.readouterr()
-    assert "Writing model shards" not in captured.err + captured.out
-    assert hf_logging.is_progress_bar_enabled()  # restored for the user's own transformers calls
+    if hub_bars and hub_utils.are_progress_bars_disabled() and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+        pytest.skip("HF_HUB_DISABLE_PROGRESS_BARS is set: the hub's bars cannot be turned on")
+    hf_logging.enable_progress_bar()
+    (hub_utils.enable_progress_bars if hub_bars else hub_utils.disable_progress_bars)()
+    try:
+        tiny().export(tmp_path)
+        assert (tmp_path / "hf" / "config.json").is_file()
+        captured = capfd.readouterr()
+        assert "Writing model shards" not in captured.err + captured.out
+        # each put back as it was, for the user's own transformers and hub calls
+        assert hf_logging.is_progress_bar_enabled()
+        assert hub_utils.are_progress_bars_disabled() is not hub_bars
+    finally:
+        hf_logging.enable_progress_bar()
