@@ -58,7 +58,7 @@ def stratified_split(targets: Sequence[int], test_fraction: float, seed: int) ->
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be between 0 and 1, not {test_fraction}")
     n_test = math.ceil(test_fraction * n)
-    n_train = math.floor((1.0 - test_fraction) * n)
+    n_train = n - n_test  # as scikit-learn, not floor((1 - f) * n): 0.7 * 90 is 62.999...
     classes, label_ids = np.unique(labels, return_inverse=True)
     counts = np.bincount(label_ids)
     if n_train < len(classes) or n_test < len(classes) or counts.min() < 2:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -450,6 +450,7 @@ def test_synthetic_params_are_validated() -> None:
 
 
 # -- the split and the digits arrays match scikit-learn's, without importing it --------------------
+@example(seed=0, fraction=0.3, counts=[2, 2, 2, 4, 40, 40], shuffle=0)  # 1 - 0.3 rounding: 62 vs 63 train
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), fraction=st.sampled_from([0.1, 0.2, 0.25, 0.3, 0.333, 0.5, 0.7]),
        counts=st.lists(st.integers(2, 40), min_size=2, max_size=8), shuffle=st.integers(0, 1000))
