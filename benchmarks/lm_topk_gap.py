@@ -6,7 +6,7 @@ After ``make demo-lm`` (runs/lm-teacher, runs/lm-student):
     .venv/bin/python benchmarks/lm_topk_gap.py --train    # also trains recipes/lm/kd-forward_kl.yaml with top_k 64
 
 The loss gap is measured between the demo's teacher and the baseline student on every
-held-out block: token_kd with the dense teacher distribution vs its top-k view (k largest
+held-out block of the students' data: token_kd with the dense teacher distribution vs its top-k view (k largest
 probabilities plus one tail bucket), for each divergence.
 """
 
@@ -27,8 +27,12 @@ from kdforge.recipe import load_yaml_file
 
 @torch.no_grad()
 def loss_gap(teacher_run: Path, student_run: Path, ks: list[int], batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """Mean token_kd over the eval split for the dense teacher and each top-k, per divergence."""
-    recipe = load_yaml_file(teacher_run / "recipe.yaml")
+    """Mean token_kd over the eval split for the dense teacher and each top-k, per divergence.
+
+    The data is the student's: the text the students are distilled on, with the teacher's
+    tokenizer (the demo's teacher was trained on more text, with a larger held-out split).
+    """
+    recipe = load_yaml_file(student_run / "recipe.yaml")
     splits = kdforge.create("dataset", recipe["data"]["name"], **recipe["data"].get("params", {}))
     teacher, student = kdforge.load_student(teacher_run).eval(), kdforge.load_student(student_run).eval()
     task = LanguageModeling(splits.num_classes)

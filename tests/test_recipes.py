@@ -1,8 +1,9 @@
 """Every shipped recipe is valid, and its models, taps and losses fit together (one dry-run batch).
 
 Recipes that read CIFAR data or earlier runs are checked with stand-ins of the same shapes:
-synthetic 32x32 data, and for a ``checkpoint`` teacher an untrained copy of the model that the
-recipe producing that run directory trains.
+synthetic 32x32 data; for a ``checkpoint`` teacher an untrained copy of the model that the
+recipe producing that run directory trains; for a tokenizer saved by an earlier run, one
+trained on this recipe's text with the producing recipe's vocabulary size.
 """
 
 from __future__ import annotations
@@ -22,14 +23,19 @@ PRODUCERS = {}
 for _path in RECIPES:
     _recipe = yaml.safe_load(_path.read_text())
     if _recipe.get("output_dir"):
-        PRODUCERS[_recipe["output_dir"]] = _recipe["student"]
+        PRODUCERS[_recipe["output_dir"]] = _recipe
 
 
 def stand_in(node: Any) -> Any:
     """Replace checkpoint teachers by an untrained model of the architecture they would load."""
     if isinstance(node, dict):
         if node.get("name") == "checkpoint":
-            return copy.deepcopy(PRODUCERS[node["params"]["path"]])
+            return copy.deepcopy(PRODUCERS[node["params"]["path"]]["student"])
+        tokenizer = node.get("tokenizer")
+        if isinstance(tokenizer, str) and Path(tokenizer).parent.as_posix() in PRODUCERS:
+            producer = PRODUCERS[Path(tokenizer).parent.as_posix()]
+            node = {k: v for k, v in node.items() if k != "tokenizer"}
+            node["vocab_size"] = producer["data"]["params"]["vocab_size"]
         return {k: stand_in(v) for k, v in node.items()}
     if isinstance(node, list):
         return [stand_in(v) for v in node]
