@@ -52,13 +52,16 @@ demo: $(VENV)/.installed
 demo-lm: export OMP_NUM_THREADS := 1
 demo-lm: $(VENV)/.installed-lm
 	$(RUN) recipes/lm/teacher.yaml
-	$(MAKE) --no-print-directory -j2 --output-sync=target lm-student-then-onpolicy lm-forward_kl-then-jsd
+	$(MAKE) --no-print-directory -j2 $(OUTPUT_SYNC) lm-student-then-onpolicy lm-forward_kl-then-jsd
 	@echo
 	$(KDFORGE) compare runs/lm-teacher runs/lm-student runs/lm-kd-forward_kl runs/lm-kd-jsd runs/lm-kd-onpolicy
 
-# The four students need only the teacher, so they run two at a time, one per core; each pair
-# takes about as long as the other. Output is printed per pair when it ends (--output-sync).
+# The four students need only the teacher, so they run two at a time, one per core (each pair
+# takes about two minutes). GNU make 4 prints each pair's output when the pair ends, so nothing
+# shows for about two minutes; make 3.81 (macOS) has no --output-sync and interleaves it.
+OUTPUT_SYNC := $(if $(filter 3.%,$(MAKE_VERSION)),,--output-sync=target)
 .PHONY: lm-student-then-onpolicy lm-forward_kl-then-jsd
+lm-student-then-onpolicy lm-forward_kl-then-jsd: export OMP_NUM_THREADS := 1
 lm-student-then-onpolicy: $(VENV)/.installed-lm
 	$(RUN) recipes/lm/student.yaml
 	$(RUN) recipes/lm/kd-onpolicy.yaml

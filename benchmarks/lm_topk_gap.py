@@ -75,7 +75,7 @@ def main() -> None:
               f"dense: {2 * vocab} (bf16), {4 * vocab} (fp32); at a 32k vocabulary {2 * 32000} / {4 * 32000}; "
               f"Qwen2's 151,936 rows: {2 * 151936} / {4 * 151936}")
     if args.train:
-        summary = kdforge.run("recipes/lm/kd-forward_kl.yaml", ["losses.1.params.top_k=64", "name=lm-kd-topk64",
+        summary = kdforge.run("recipes/lm/kd-forward_kl.yaml", ["losses.0.params.top_k=64", "name=lm-kd-topk64",
                                                                 "output_dir=runs/lm-kd-topk64"], overwrite=True)
         dense = json.loads(Path("runs/lm-kd-forward_kl/summary.json").read_text())
         print(f"trained with top_k 64: held-out perplexity {summary['student/perplexity']:.3f} "

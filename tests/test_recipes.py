@@ -9,15 +9,19 @@ trained on this recipe's text with the producing recipe's vocabulary size.
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from kdforge.plugins.lm_data import TOKENIZER_DIR
+from kdforge.plugins.lm_data import text as text_dataset
 from kdforge.runner import validate_recipe_source as validate
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VOCAB_SIZE = inspect.signature(text_dataset).parameters["vocab_size"].default
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if not p.name.startswith("sweep-"))  # sweeps: not recipes
 PRODUCERS = {}
 for _path in RECIPES:
@@ -27,15 +31,18 @@ for _path in RECIPES:
 
 
 def stand_in(node: Any) -> Any:
-    """Replace checkpoint teachers by an untrained model of the architecture they would load."""
+    """Replace checkpoint teachers by an untrained model of the architecture they would load,
+    and a tokenizer saved by an earlier run by one trained here with that run's vocabulary size."""
     if isinstance(node, dict):
         if node.get("name") == "checkpoint":
             return copy.deepcopy(PRODUCERS[node["params"]["path"]]["student"])
         tokenizer = node.get("tokenizer")
         if isinstance(tokenizer, str) and Path(tokenizer).parent.as_posix() in PRODUCERS:
-            producer = PRODUCERS[Path(tokenizer).parent.as_posix()]
+            assert Path(tokenizer).name == TOKENIZER_DIR, f"{tokenizer}: runs save their tokenizer in {TOKENIZER_DIR}/"
+            producer = PRODUCERS[Path(tokenizer).parent.as_posix()]["data"].get("params", {})
+            assert "tokenizer" not in producer, "a tokenizer saved by a run that loaded one: point at the original"
             node = {k: v for k, v in node.items() if k != "tokenizer"}
-            node["vocab_size"] = producer["data"]["params"]["vocab_size"]
+            node["vocab_size"] = producer.get("vocab_size", DEFAULT_VOCAB_SIZE)
         return {k: stand_in(v) for k, v in node.items()}
     if isinstance(node, list):
         return [stand_in(v) for v in node]
