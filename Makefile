@@ -49,7 +49,7 @@ demo: $(VENV)/.installed
 ## Language models on 2 CPU cores (minutes): a small code-model teacher trained on the standard library's
 ## sources, a smaller student alone, and the student distilled with forward KL, JSD and on-policy; then compare.
 # One intra-op thread: these models are tiny, and two threads that wait on each other are far slower on shared cores.
-demo-lm: export OMP_NUM_THREADS := 1
+demo-lm lm-student-then-onpolicy lm-forward_kl-then-jsd: export OMP_NUM_THREADS := 1
 demo-lm: $(VENV)/.installed-lm
 	$(RUN) recipes/lm/teacher.yaml
 	$(MAKE) --no-print-directory -j2 $(OUTPUT_SYNC) lm-student-then-onpolicy lm-forward_kl-then-jsd
@@ -61,7 +61,6 @@ demo-lm: $(VENV)/.installed-lm
 # shows for about two minutes; make 3.81 (macOS) has no --output-sync and interleaves it.
 OUTPUT_SYNC := $(if $(filter 3.%,$(MAKE_VERSION)),,--output-sync=target)
 .PHONY: lm-student-then-onpolicy lm-forward_kl-then-jsd
-lm-student-then-onpolicy lm-forward_kl-then-jsd: export OMP_NUM_THREADS := 1
 lm-student-then-onpolicy: $(VENV)/.installed-lm
 	$(RUN) recipes/lm/student.yaml
 	$(RUN) recipes/lm/kd-onpolicy.yaml

@@ -6,8 +6,8 @@ After ``make demo-lm`` (runs/lm-teacher, runs/lm-student):
     .venv/bin/python benchmarks/lm_topk_gap.py --train    # also trains recipes/lm/kd-forward_kl.yaml with top_k 64
 
 The loss gap is measured between the demo's teacher and the baseline student on every
-held-out block of the students' data: token_kd with the dense teacher distribution vs its top-k view (k largest
-probabilities plus one tail bucket), for each divergence.
+held-out block of the students' data: token_kd with the dense teacher distribution vs its
+top-k view (k largest probabilities plus one tail bucket), for each divergence.
 """
 
 from __future__ import annotations

@@ -36,10 +36,10 @@ def stand_in(node: Any) -> Any:
     if isinstance(node, dict):
         if node.get("name") == "checkpoint":
             return copy.deepcopy(PRODUCERS[node["params"]["path"]]["student"])
-        tokenizer = node.get("tokenizer")
-        if isinstance(tokenizer, str) and Path(tokenizer).parent.as_posix() in PRODUCERS:
-            assert Path(tokenizer).name == TOKENIZER_DIR, f"{tokenizer}: runs save their tokenizer in {TOKENIZER_DIR}/"
-            producer = PRODUCERS[Path(tokenizer).parent.as_posix()]["data"].get("params", {})
+        tokenizer = Path(node["tokenizer"]) if isinstance(node.get("tokenizer"), str) else None
+        if tokenizer is not None and tokenizer.parent.as_posix() in PRODUCERS:
+            assert tokenizer.name == TOKENIZER_DIR, f"{tokenizer}: runs save their tokenizer in {TOKENIZER_DIR}/"
+            producer = PRODUCERS[tokenizer.parent.as_posix()]["data"].get("params", {})
             assert "tokenizer" not in producer, "a tokenizer saved by a run that loaded one: point at the original"
             node = {k: v for k, v in node.items() if k != "tokenizer"}
             node["vocab_size"] = producer.get("vocab_size", DEFAULT_VOCAB_SIZE)
