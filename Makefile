@@ -55,10 +55,12 @@ demo-lm: $(VENV)/.installed-lm
 	$(MAKE) --no-print-directory -j2 $(OUTPUT_SYNC) lm-student-then-onpolicy lm-forward_kl-then-jsd
 	@echo
 	$(KDFORGE) compare runs/lm-teacher runs/lm-student runs/lm-kd-forward_kl runs/lm-kd-jsd runs/lm-kd-onpolicy
+	@echo
+	$(BIN)/python benchmarks/lm_unseen_eval.py
 
 # The four students need only the teacher, so they run two at a time, one per core (each pair
-# takes about two minutes). GNU make 4 prints each pair's output when the pair ends, so nothing
-# shows for about two minutes; make 3.81 (macOS) has no --output-sync and interleaves it.
+# takes about three minutes). GNU make 4 prints each pair's output when the pair ends, so nothing
+# shows for about three minutes; make 3.81 (macOS) has no --output-sync and interleaves it.
 OUTPUT_SYNC := $(if $(filter 3.%,$(MAKE_VERSION)),,--output-sync=target)
 .PHONY: lm-student-then-onpolicy lm-forward_kl-then-jsd
 lm-student-then-onpolicy: $(VENV)/.installed-lm
