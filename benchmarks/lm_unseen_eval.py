@@ -11,35 +11,41 @@ students' first 250 kB were never trained on by any run and never used to choose
 This script builds exactly those files with the ``text`` dataset (the students' files
 excluded, the byte budget reduced by theirs), packs them with the students' tokenizer (the
 teacher's), and refuses a run whose data or tokenizer differs from what it rebuilt (another
-recipe, or another Python's standard library, which has other files). It reports each run's perplexity and next-token accuracy there (the task's own metrics), and how
-close each run came to the teacher: the mean per-token forward KL, JSD and reverse KL.
+recipe, or another Python's standard library, which has other files). It reports each run's
+perplexity and next-token accuracy there (the task's own metrics), and how close each run
+came to the teacher: the mean per-token forward KL, JSD and reverse KL.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 import kdforge
 from kdforge import ModelOutputs, StepOutputs
 from kdforge.plugins.lm_data import _resolve_files, find_files, read_documents, split_documents
+from kdforge.plugins.lm_data import text as text_dataset
 from kdforge.plugins.lm_task import LanguageModeling
 from kdforge.recipe import load_yaml_file
 
 MATCH = ("forward_kl", "jsd", "reverse_kl")
 DEFAULT_RUNS = ["runs/lm-teacher", "runs/lm-student", "runs/lm-kd-forward_kl", "runs/lm-kd-jsd", "runs/lm-kd-onpolicy"]
 SHARED = ("files", "exclude", "text_key", "max_file_bytes", "eval_fraction", "split_seed", "seq_len")
+TEXT_DEFAULTS = {name: p.default for name, p in inspect.signature(text_dataset).parameters.items()}
 
 
 def _documents(params: dict[str, Any]) -> list[Any]:
     """The documents ``text`` reads with ``params``, in its order (its own file and exclude defaults)."""
-    patterns, excluded, _ = _resolve_files(params.get("files"), params.get("exclude"))
-    found = find_files(patterns, excluded, params.get("max_file_bytes"), params.get("max_files"))
-    return read_documents(found, params.get("text_key", "text"), params.get("max_bytes"))
+    p = {**TEXT_DEFAULTS, **params}
+    patterns, excluded, _ = _resolve_files(p["files"], p["exclude"])
+    found = find_files(patterns, excluded, p["max_file_bytes"], p["max_files"])
+    return read_documents(found, p["text_key"], p["max_bytes"])
 
 
 def _file_name(document: str) -> str:
@@ -49,17 +55,18 @@ def _file_name(document: str) -> str:
 
 
 def _split(params: dict[str, Any], docs: list[Any]) -> tuple[list[Any], list[Any]]:
-    return split_documents(docs, params.get("eval_fraction", 0.1), params.get("split_seed", 0))
+    p = {**TEXT_DEFAULTS, **params}
+    return split_documents(docs, p["eval_fraction"], p["split_seed"])
 
 
-def unseen_params(teacher_recipe: Path, student_recipe: Path) -> tuple[dict[str, Any], list[str], dict[str, dict]]:
+def unseen_params(teacher: dict[str, Any],
+                  student: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, dict]]:
     """``text`` params whose eval split is the teacher's held-out files beyond the students' text.
 
-    Also returns those files' names and, for the teacher's and the students' own data, the
-    document counts per split that their runs must have recorded (``data/documents``).
+    ``teacher`` and ``student`` are the two recipes' ``data.params``. Also returns those
+    files' names and, for the teacher's and the students' own data, the document counts per
+    split that their runs must have recorded (``data/documents``).
     """
-    teacher = load_yaml_file(teacher_recipe)["data"]["params"]
-    student = load_yaml_file(student_recipe)["data"]["params"]
     for key in SHARED:
         if teacher.get(key) != student.get(key):
             raise SystemExit(f"the teacher's and students' data differ in {key!r}; the unseen split needs them equal")
@@ -105,7 +112,8 @@ def check_run(run: Path, splits: Any, counts: dict[str, dict], recipes: dict[str
 
 
 @torch.no_grad()
-def score(run: Path, splits: Any, teacher: torch.nn.Module | None = None, batch_size: int = 64) -> dict[str, float | None]:
+def score(run: Path, splits: Any, teacher: torch.nn.Module | None = None,
+          batch_size: int = 64) -> dict[str, float | None]:
     """Perplexity, token NLL and next-token accuracy of ``run``'s model on ``splits.eval``.
 
     With a ``teacher``, also the mean per-token forward KL, JSD (beta 0.5) and reverse KL
@@ -116,9 +124,8 @@ def score(run: Path, splits: Any, teacher: torch.nn.Module | None = None, batch_
     divergences = {kind: kdforge.create("loss", "token_kd", divergence=kind, num_classes=splits.num_classes)
                    for kind in MATCH} if teacher is not None else {}
     sums: dict[str, float] = {}
-    for start in range(0, len(splits.eval), batch_size):
-        items = [splits.eval[i] for i in range(start, min(start + batch_size, len(splits.eval)))]
-        batch = task.to_batch(splits.collate_fn(items))
+    for item in DataLoader(splits.eval, batch_size=batch_size, collate_fn=splits.collate_fn):
+        batch = task.to_batch(item)
         logits = task.forward(model, batch)
         for key, value in task.eval_batch(logits, batch).items():
             sums[key] = sums.get(key, 0.0) + float(value)
@@ -140,13 +147,13 @@ def main() -> None:
     parser.add_argument("--teacher-recipe", default="recipes/lm/teacher.yaml")
     parser.add_argument("--student-recipe", default="recipes/lm/student.yaml")
     args = parser.parse_args()
-    params, names, counts = unseen_params(Path(args.teacher_recipe), Path(args.student_recipe))
+    recipes = {kind: load_yaml_file(Path(path))["data"]
+               for kind, path in (("teacher", args.teacher_recipe), ("student", args.student_recipe))}
+    params, names, counts = unseen_params(recipes["teacher"]["params"], recipes["student"]["params"])
     splits = kdforge.create("dataset", "text", **params)
     tokens = splits.info["tokens"]["eval"]
     if splits.eval is None or not tokens:
         raise SystemExit("the unseen files hold less than one block of tokens")
-    recipes = {kind: load_yaml_file(Path(path))["data"]
-               for kind, path in (("teacher", args.teacher_recipe), ("student", args.student_recipe))}
     for run in dict.fromkeys([args.teacher, *args.runs]):
         check_run(Path(run), splits, counts, recipes)
     teacher = kdforge.load_student(Path(args.teacher)).eval()

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 import kdforge
 from kdforge.plugins.lm_data import find_files, read_documents, split_documents
@@ -39,15 +38,9 @@ def _data(files: str, max_bytes: int, **extra) -> dict:
                                        "eval_fraction": 0.25, "vocab_size": 300, **extra}}
 
 
-def _recipe(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump({"name": path.stem, "data": data}))
-    return path
-
-
 def test_unseen_split_is_the_teachers_held_out_files_past_the_students_text(tmp_path, unseen):
     files = _corpus(tmp_path / "data")
-    teacher = _recipe(tmp_path / "teacher.yaml", _data(files, 30_000))
-    student = _recipe(tmp_path / "student.yaml", _data(files, 10_000))
+    teacher, student = _data(files, 30_000)["params"], _data(files, 10_000)["params"]
 
     params, names, counts = unseen.unseen_params(teacher, student)
 
@@ -73,11 +66,9 @@ def test_unseen_split_is_the_teachers_held_out_files_past_the_students_text(tmp_
                                              ({"max_files": 3}, "max_files")])
 def test_unseen_split_refuses_data_it_cannot_rebuild(tmp_path, unseen, change, message):
     files = _corpus(tmp_path / "data")
-    teacher = _recipe(tmp_path / "teacher.yaml", _data(files, 30_000))
-    student_data = _data(files, 10_000)
-    student_data["params"].update(change)
+    student = {**_data(files, 10_000)["params"], **change}
     with pytest.raises(SystemExit, match=message):
-        unseen.unseen_params(teacher, _recipe(tmp_path / "student.yaml", student_data))
+        unseen.unseen_params(_data(files, 30_000)["params"], student)
 
 
 def test_score_is_the_runs_own_metric_and_zero_against_itself(tmp_path, unseen):
